@@ -1,0 +1,1 @@
+"""DINO self-supervised Vision Transformers in JAX/Flax."""
