@@ -1,0 +1,201 @@
+"""The DINO algorithm as pure functions: the loss, centering, the EMA teacher and one training step.
+
+Shapes follow the reference's crop-major layout: the student output is (n_crops*B, K) ordered
+[global1 batch, global2 batch, local1 batch, ...], the teacher output (2*B, K).
+A batch is {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3)}, NHWC and ImageNet-normalised.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from dino_jax import optim, schedules
+from dino_jax.models.head import DINOHead
+from dino_jax.models.vit import build_vit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss and centering.
+
+
+def dino_loss(student_output, teacher_output, center, teacher_temp, n_crops: int, student_temp: float = 0.1):
+    """Cross-entropy between the centred, sharpened teacher and the student over all pairs of different views.
+
+    The mean over the 2*(n_crops-1) (teacher global i, student view v != i) terms, each a batch mean.
+    """
+    return _loss_and_entropy(student_output, teacher_output, center, teacher_temp, n_crops, student_temp)[0]
+
+
+def _loss_and_entropy(student_output, teacher_output, center, teacher_temp, n_crops, student_temp=0.1):
+    student_logp = jax.nn.log_softmax(student_output.astype(jnp.float32) / student_temp, axis=-1)
+    student_logp = student_logp.reshape(n_crops, -1, student_logp.shape[-1])  # (V, B, K)
+    teacher = jax.nn.softmax((teacher_output.astype(jnp.float32) - center) / teacher_temp, axis=-1)
+    teacher = jax.lax.stop_gradient(teacher.reshape(2, -1, teacher.shape[-1]))  # (2, B, K)
+    batch = teacher.shape[1]
+    cross = -jnp.einsum("ibk,vbk->iv", teacher, student_logp) / batch  # (2, V) batch-mean cross-entropies
+    same_view = jnp.eye(2, n_crops, dtype=bool)
+    loss = jnp.sum(jnp.where(same_view, 0.0, cross)) / (2 * (n_crops - 1))
+    entropy = -jnp.sum(teacher * jnp.log(jnp.maximum(teacher, 1e-30)), axis=-1).mean()
+    marginal = teacher.reshape(-1, teacher.shape[-1]).mean(0)
+    batch_entropy = -jnp.sum(marginal * jnp.log(jnp.maximum(marginal, 1e-30)))
+    return loss, entropy, batch_entropy
+
+
+def update_center(center, teacher_output, momentum: float = 0.9):
+    """EMA of the global batch mean of the raw teacher outputs (all rows: both global crops, all devices)."""
+    batch_center = jnp.mean(teacher_output.astype(jnp.float32), axis=0, keepdims=True)
+    return center * momentum + batch_center * (1 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: backbone + head, the reference's MultiCropWrapper.
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiCropModel:
+    """One backbone call per crop resolution, then the head once on all features (the reference wrapper)."""
+    backbone: Any
+    head: Any
+
+    def features(self, params, crops, train: bool = False, rng=None):
+        """crops: list of (n, H, W, 3) arrays, one per resolution, in crop-major order."""
+        feats = []
+        for i, x in enumerate(crops):
+            rngs = {"drop_path": jax.random.fold_in(rng, i)} if train and rng is not None else {}
+            feats.append(self.backbone.apply({"params": params["backbone"]}, x, train, rngs=rngs))
+        return jnp.concatenate(feats, axis=0)
+
+    def __call__(self, params, crops, train: bool = False, rng=None):
+        return self.head.apply({"params": params["head"]}, self.features(params, crops, train, rng))
+
+    def init(self, rng, image_size: int):
+        k1, k2 = jax.random.split(rng)
+        x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        backbone = self.backbone.init(k1, x)["params"]
+        feat = jnp.zeros((2, self.backbone.embed_dim), jnp.float32)
+        return {"backbone": backbone, "head": self.head.init(k2, feat)["params"]}
+
+
+def crop_major(views):
+    """(B, V, H, W, C) -> (V*B, H, W, C) in the reference's [view0 batch, view1 batch, ...] order."""
+    b, v = views.shape[:2]
+    return jnp.swapaxes(views, 0, 1).reshape((v * b,) + views.shape[2:])
+
+
+def student_crops(batch):
+    crops = [crop_major(batch["global"])]
+    if "local" in batch and batch["local"].shape[1] > 0:
+        crops.append(crop_major(batch["local"]))
+    return crops
+
+
+def num_crops(batch) -> int:
+    return batch["global"].shape[1] + (batch["local"].shape[1] if "local" in batch else 0)
+
+
+def build_model(config) -> MultiCropModel:
+    """The student/teacher architecture from a config (the teacher is the same model without drop-path)."""
+    dtype = jnp.dtype(config.get("dtype", "float32"))
+    vit_kwargs = dict(drop_path_rate=config.drop_path_rate, img_size=config.global_crop_size,
+                      pos_embed_interp=config.get("pos_embed_interp", "offset"), dtype=dtype,
+                      attention=config.get("attention", "einsum"), remat=config.get("remat", False))
+    if config.arch == "vit_custom":
+        vit_kwargs.update(embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads)
+    backbone = build_vit(config.arch, config.patch_size, **vit_kwargs)
+    head = DINOHead(config.out_dim, use_bn=config.use_bn_in_head, norm_last_layer=config.norm_last_layer,
+                    nlayers=config.head_nlayers, hidden_dim=config.head_hidden_dim,
+                    bottleneck_dim=config.head_bottleneck_dim, dtype=dtype)
+    return MultiCropModel(backbone, head)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State and step.
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a run needs to continue, as one immutable pytree (checkpointed whole)."""
+    step: jax.Array
+    params: Any  # student {"backbone", "head"}
+    teacher_params: Any
+    opt_state: optax.OptState
+    center: jax.Array  # (1, K)
+    rng: jax.Array
+    apply_fn: MultiCropModel = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def create_train_state(config, model: MultiCropModel, steps_per_epoch: int, rng) -> TrainState:
+    """A fresh state: random student, identical teacher, zero center, the reference optimiser."""
+    sched = schedules.training_schedules(config, steps_per_epoch)
+    tx = optim.make_optimizer(config.optimizer, sched["lr"], sched["wd"], clip_grad=config.clip_grad,
+                              freeze_last_layer_steps=config.freeze_last_layer * steps_per_epoch)
+    init_rng, rng = jax.random.split(rng)
+    params = model.init(init_rng, config.global_crop_size)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      teacher_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      center=jnp.zeros((1, config.out_dim), jnp.float32), rng=rng, apply_fn=model, tx=tx)
+
+
+def make_train_step(config, steps_per_epoch: int):
+    """Returns the pure `train_step(state, batch) -> (state, metrics)` for this config's schedules."""
+    sched = {k: jnp.asarray(v, jnp.float32) for k, v in schedules.training_schedules(config, steps_per_epoch).items()}
+    student_temp, center_momentum = config.student_temp, config.center_momentum
+
+    def at(name, step):
+        return sched[name][jnp.minimum(step, sched[name].shape[0] - 1)]
+
+    def train_step(state: TrainState, batch):
+        model, step = state.apply_fn, state.step
+        teacher_temp, momentum = at("teacher_temp", step), at("momentum", step)
+        n_crops = num_crops(batch)
+        teacher_output = model(state.teacher_params, [crop_major(batch["global"])], train=False)
+
+        def loss_fn(params):
+            student_output = model(params, student_crops(batch), train=True,
+                                   rng=jax.random.fold_in(state.rng, step))
+            loss, entropy, batch_entropy = _loss_and_entropy(
+                student_output, teacher_output, state.center, teacher_temp, n_crops, student_temp)
+            return loss, (entropy, batch_entropy)
+
+        (loss, (entropy, batch_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        teacher_params = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * s, state.teacher_params, params)
+        new_state = state.replace(step=step + 1, params=params, teacher_params=teacher_params, opt_state=opt_state,
+                                  center=update_center(state.center, teacher_output, center_momentum))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the state: the old state is kept (the step number still advances)
+        # and `finite` tells the loop, which stops or, if configured, skips and continues.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state = new_state.replace(step=step + 1)
+        metrics = {
+            "loss": loss, "lr": at("lr", step), "wd": at("wd", step), "momentum": momentum,
+            "teacher_temp": teacher_temp, "teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
+            "kl": loss - entropy, "grad_norm": grad_norm, "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def collapse_warning(metrics, out_dim: int) -> str | None:
+    """A message when the collapse monitors say the teacher output is collapsing, else None.
+
+    Uniform collapse: every teacher output is nearly uniform (entropy near ln K). One-dimension collapse: all
+    images pick the same prototypes (the batch-mean teacher distribution has entropy near 0).
+    """
+    ln_k = float(np.log(out_dim))
+    if float(metrics["teacher_entropy"]) > 0.98 * ln_k:
+        return (f"teacher output is nearly uniform (entropy {float(metrics['teacher_entropy']):.3f} of ln K = "
+                f"{ln_k:.3f}): collapse. Try a lower teacher_temp, a higher momentum_teacher or a smaller out_dim.")
+    if float(metrics["teacher_batch_entropy"]) < 0.05 * ln_k:
+        return (f"all images map to the same prototypes (batch entropy {float(metrics['teacher_batch_entropy']):.3f}):"
+                " collapse to one dimension. Check centering (center_momentum) and the learning rate.")
+    return None

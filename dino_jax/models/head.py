@@ -1,0 +1,71 @@
+"""The reference DINOHead: MLP -> L2 normalise -> weight-normalised prototypes.
+
+Parameter tree: mlp_{j}/{kernel,bias} for the Linears (and bn_{j}/{scale,bias} with use_bn), then
+last_layer/weight_v (bottleneck, K) and, only when norm_last_layer=False, last_layer/weight_g (1, K).
+With norm_last_layer=True the reference fixes g to 1 and never trains it, so it is not a parameter here.
+g is stored 2-D like the reference's (K, 1) weight_g so that the weight-decay rule (decay everything that is
+not a bias and not 1-D) decays it exactly as the reference does.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from dino_jax.models.vit import dense_init, torch_default_uniform
+
+
+class BatchStatNorm(nn.Module):
+    """BatchNorm1d in training mode (the reference's head is never put in eval mode): batch statistics, eps 1e-5.
+
+    The batch mean inside `jit` over a sharded batch is the global mean, i.e. the reference's SyncBatchNorm.
+    Running statistics are not kept because nothing in DINO ever reads them.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = x.mean(0)
+        var = ((x - mean) ** 2).mean(0)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+
+class DINOHead(nn.Module):
+    out_dim: int
+    use_bn: bool = False
+    norm_last_layer: bool = True
+    nlayers: int = 3
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    dtype: jnp.dtype = jnp.float32  # compute dtype of the MLP; normalisation and prototypes run in float32
+
+    @nn.compact
+    def __call__(self, x):
+        nlayers = max(self.nlayers, 1)
+        widths = [self.hidden_dim] * (nlayers - 1) + [self.bottleneck_dim]
+        for j, width in enumerate(widths):
+            x = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name=f"mlp_{j}")(x)
+            if j < nlayers - 1:
+                if self.use_bn:
+                    x = BatchStatNorm(name=f"bn_{j}")(x)
+                x = nn.gelu(x, approximate=False)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return WeightNormPrototypes(self.out_dim, self.norm_last_layer, name="last_layer")(x)
+
+
+class WeightNormPrototypes(nn.Module):
+    """Linear(bottleneck -> K, no bias) under weight norm: w_k = g_k * v_k / ||v_k||."""
+    out_dim: int
+    norm_last_layer: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        v = self.param("weight_v", torch_default_uniform(d), (d, self.out_dim))
+        w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.norm_last_layer:
+            w = w * self.param("weight_g", nn.initializers.ones, (1, self.out_dim))
+        return x @ w

@@ -1,0 +1,103 @@
+"""The reference's optimisers as optax transformations: AdamW / SGD / LARS with DINO's exact semantics.
+
+What differs from the usual optax recipe, and why:
+- Gradient clipping is per tensor (each gradient rescaled to norm <= clip on its own), not by global norm.
+- Weight decay applies to everything except biases and 1-D tensors, so cls_token, pos_embed and a trainable
+  prototype gain ARE decayed (the reference's `get_params_groups`); its value follows the wd cosine.
+- During the last-layer freeze the reference sets the prototypes' gradient to None, so PyTorch skips them
+  entirely: no moment update, no weight decay, and their per-parameter Adam step counter does not advance.
+  Here the prototypes get their own copy of the optimiser whose state is held still during the freeze; its
+  schedules are offset by the freeze length so it reads the same lr/wd as everything else.
+lr and wd are looked up per iteration in the precomputed reference schedules (see `schedules.py`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+    """Rescale each gradient tensor by min(1, max_norm / (||g|| + 1e-6)) (the reference's `clip_gradients`)."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def clip(g):
+            coef = max_norm / (jnp.linalg.norm(g.ravel()) + 1e-6)
+            return jnp.where(coef < 1, g * coef, g)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+class FrozenState(NamedTuple):
+    count: jax.Array
+    inner: optax.OptState
+
+
+def frozen_for(inner: optax.GradientTransformation, num_steps: int) -> optax.GradientTransformation:
+    """Zero updates and an untouched inner state for the first `num_steps` calls (PyTorch's grad=None skip)."""
+
+    def init(params):
+        return FrozenState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        frozen = state.count < num_steps
+        new_updates = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.inner, new_inner)
+        return new_updates, FrozenState(state.count + 1, new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def decay_mask(params):
+    """True where the reference decays: not a bias and not 1-D."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim != 1 and getattr(path[-1], "key", None) != "bias", params)
+
+
+def is_prototype_path(path) -> bool:
+    return any(getattr(k, "key", None) == "last_layer" for k in path)
+
+
+def lookup(schedule: np.ndarray, offset: int = 0):
+    """An optax schedule reading a precomputed per-iteration array (clamped at its last value)."""
+    table = jnp.asarray(schedule, jnp.float32)
+
+    def fn(count):
+        return table[jnp.minimum(count + offset, len(schedule) - 1)]
+
+    return fn
+
+
+def base_optimizer(name: str, lr, wd) -> optax.GradientTransformation:
+    """One reference optimiser with lr/wd schedules; the decay mask is applied by the caller's params."""
+    if name == "adamw":  # torch.optim.AdamW defaults: betas (0.9, 0.999), eps 1e-8, decoupled decay times lr
+        return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=decay_mask)
+    if name == "sgd":  # torch SGD(momentum=0.9): coupled decay goes through the momentum buffer
+        return optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.trace(decay=0.9),
+                           optax.scale_by_learning_rate(lr))
+    if name == "lars":  # the reference's LARS: decay and trust ratio on non-1-D tensors, then momentum, then lr
+        not_1d = lambda params: jax.tree.map(lambda p: p.ndim != 1, params)  # noqa: E731
+        return optax.chain(optax.add_decayed_weights(wd, decay_mask),
+                           optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), not_1d),
+                           optax.trace(decay=0.9), optax.scale_by_learning_rate(lr))
+    raise ValueError(f"config.optimizer must be 'adamw', 'sgd' or 'lars', got {name!r}")
+
+
+def make_optimizer(name: str, lr_schedule: np.ndarray, wd_schedule: np.ndarray, *, clip_grad: float,
+                   freeze_last_layer_steps: int) -> optax.GradientTransformation:
+    """The full DINO optimiser: per-tensor clip, then the optimiser with the prototypes frozen at first."""
+    n = freeze_last_layer_steps
+    rest = base_optimizer(name, lookup(lr_schedule), lookup(wd_schedule))
+    prototypes = frozen_for(base_optimizer(name, lookup(lr_schedule, n), lookup(wd_schedule, n)), n)
+    labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: "prototypes" if is_prototype_path(path) else "rest", params)
+    tx = optax.partition({"rest": rest, "prototypes": prototypes}, labels)
+    return optax.chain(clip_per_tensor(clip_grad), tx) if clip_grad > 0 else tx
