@@ -1,0 +1,37 @@
+"""Train DINO: `python -m dino_jax.main --config=configs/vits16.py --workdir=DIR [--config.KEY=VALUE ...]`.
+
+Re-running the same command resumes from the latest checkpoint in DIR. Multi-host: on TPU VMs JAX finds the
+other hosts itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vits16.py (or configs/vits16.py:boosted).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and evaluations go (a run resumes from here).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs off TPU.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs off TPU.")
+flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs off TPU.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # after flag parsing so --help is fast
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # a multi-host TPU slice: JAX discovers its peers
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    from dino_jax import train
+
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

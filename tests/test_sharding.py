@@ -1,0 +1,50 @@
+"""The same training steps on 1 device and on 8 simulated CPU devices give the same numbers."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import max_relative_error
+
+SCRIPT = r"""
+import sys, numpy as np, jax
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from dino_jax import dino, sharding
+c = tiny_config(drop_path_rate=0.0, batch_size=16, freeze_last_layer=0)
+spe = 2
+model = dino.build_model(c)
+mesh = sharding.make_mesh()
+assert mesh.size == {n}, mesh
+state = sharding.shard_state(dino.create_train_state(c, model, spe, jax.random.PRNGKey(0)), mesh)
+step = sharding.jit_train_step(dino.make_train_step(c, spe), mesh)
+rng = np.random.default_rng(0)
+losses = []
+for i in range(3):
+    batch = {{"global": rng.normal(size=(16, 2, 32, 32, 3)).astype(np.float32),
+              "local": rng.normal(size=(16, 2, 16, 16, 3)).astype(np.float32)}}
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+import pickle
+with open({out!r}, "wb") as f:
+    pickle.dump(dict(losses=np.array(losses), state=jax.device_get((state.params, state.teacher_params, state.center))), f)
+"""
+
+
+def _run(n, out):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    code = SCRIPT.format(tests=os.path.dirname(__file__), n=n, out=out)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+def test_one_vs_eight_devices(tmp_path):
+    one, eight = _run(1, str(tmp_path / "one.pkl")), _run(8, str(tmp_path / "eight.pkl"))
+    np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5)
+    err = max_relative_error(one["state"], eight["state"])
+    print(f"max relative difference, 1 vs 8 devices after 3 steps: {err:.2e}")
+    assert err <= 1e-5
