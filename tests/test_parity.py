@@ -1,0 +1,155 @@
+"""Parity of the core (ViT, head, loss, center, schedules, whole training steps) with an independent PyTorch
+implementation of the reference (tests/torch_reference.py), on shared random weights in float32."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch_reference as R  # noqa: E402
+from conftest import max_relative_error, tiny_config  # noqa: E402
+from dino_jax import convert, dino, schedules  # noqa: E402
+from dino_jax.models.head import DINOHead  # noqa: E402
+from dino_jax.models.vit import build_vit  # noqa: E402
+
+torch.set_default_dtype(torch.float32)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+@pytest.fixture(scope="module")
+def vit_tiny_pair():
+    torch.manual_seed(0)
+    ref = R.vit_tiny(patch_size=16).eval()
+    params = convert.torch_to_flax(ref.state_dict())["backbone"]
+    return ref, params
+
+
+@pytest.mark.parametrize("interp", ["offset", "exact"])
+@pytest.mark.parametrize("hw", [(224, 224), (96, 96), (64, 112)])
+def test_vit_features_attention_intermediate(vit_tiny_pair, hw, interp):
+    ref, params = vit_tiny_pair
+    ref.pos_interp = interp
+    model = build_vit("vit_tiny", 16, pos_embed_interp=interp)
+    x = np.random.default_rng(1).normal(size=(2,) + hw + (3,)).astype(np.float32)
+    v = {"params": params}
+    with torch.no_grad():
+        want = ref(nchw(x)).numpy()
+        want_attn = ref.get_last_selfattention(nchw(x)).numpy()
+        want_mid = [t.numpy() for t in ref.get_intermediate_layers(nchw(x), 3)]
+    got = model.apply(v, x)
+    got_attn = model.apply(v, x, method=model.get_last_selfattention)
+    got_mid = model.apply(v, x, 3, method=model.get_intermediate_layers)
+    tol = 1e-5 if hw == (224, 224) else 1e-4  # interpolation involved
+    errs = [rel(got, want), rel(got_attn, want_attn)] + [rel(g, w) for g, w in zip(got_mid, want_mid)]
+    print(f"ViT-Ti/16 {hw} {interp}: features {errs[0]:.1e}, attention {errs[1]:.1e}, intermediate {max(errs[2:]):.1e}")
+    assert max(errs) <= tol
+
+
+@pytest.mark.parametrize("use_bn,norm_last_layer", [(False, True), (True, False)])
+def test_head(use_bn, norm_last_layer):
+    torch.manual_seed(0)
+    ref = R.DINOHead(64, 512, use_bn=use_bn, norm_last_layer=norm_last_layer, hidden_dim=128, bottleneck_dim=32)
+    with torch.no_grad():  # a non-trivial gain so that a dropped g would show
+        ref.last_layer.weight_g.uniform_(0.5, 1.5) if not norm_last_layer else None
+    sd = {f"head.{k}": v for k, v in ref.state_dict().items()}
+    params = convert.torch_to_flax(sd)["head"]
+    head = DINOHead(512, use_bn=use_bn, norm_last_layer=norm_last_layer, hidden_dim=128, bottleneck_dim=32)
+    x = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    err = rel(head.apply({"params": params}, x), want)
+    print(f"head bn={use_bn} norm_last_layer={norm_last_layer}: {err:.1e}")
+    assert err <= 1e-5
+
+
+def test_loss_and_center():
+    rng = np.random.default_rng(0)
+    b, k, ncrops = 6, 300, 5
+    student = rng.normal(size=(ncrops * b, k)).astype(np.float32)
+    teacher = rng.normal(size=(2 * b, k)).astype(np.float32)
+    ref = R.DINOLoss(k, ncrops, 0.04, 0.07, 3, 10)
+    ref.center.copy_(torch.from_numpy(rng.normal(size=(1, k)).astype(np.float32)))
+    center = ref.center.numpy().copy()
+    epoch = 1
+    want = ref(torch.from_numpy(student), torch.from_numpy(teacher), epoch).item()
+    temp = schedules.teacher_temp_schedule(0.04, 0.07, 3, 10)[epoch]
+    got = float(dino.dino_loss(student, teacher, center, temp, ncrops))
+    new_center = dino.update_center(jnp.asarray(center), teacher)
+    print(f"loss rel err {abs(got - want) / abs(want):.1e}, center {rel(new_center, ref.center.numpy()):.1e}")
+    assert abs(got - want) / abs(want) <= 1e-6
+    assert rel(new_center, ref.center.numpy()) <= 1e-6
+
+
+@pytest.mark.parametrize("args", [(0.0005, 1e-6, 100, 1251, 10), (0.04, 0.4, 7, 3, 0), (0.996, 1, 5, 4, 2)])
+def test_cosine_scheduler_equals_reference(args):
+    base, final, epochs, niter, warmup = args
+    np.testing.assert_array_equal(schedules.cosine_scheduler(base, final, epochs, niter, warmup),
+                                  R.cosine_scheduler(base, final, epochs, niter, warmup))
+
+
+def test_teacher_temp_schedule_per_epoch():
+    ref = R.DINOLoss(8, 4, 0.04, 0.07, 30, 100)
+    np.testing.assert_array_equal(schedules.teacher_temp_schedule(0.04, 0.07, 30, 100), ref.teacher_temp_schedule)
+
+
+@pytest.mark.parametrize("optimizer,norm_last_layer", [("adamw", True), ("adamw", False), ("sgd", True),
+                                                        ("lars", False)])
+def test_two_training_steps_match_torch(optimizer, norm_last_layer):
+    """Step 0 inside the last-layer freeze, step 1 after it; clipping and weight decay active."""
+    c = tiny_config(optimizer=optimizer, norm_last_layer=norm_last_layer, drop_path_rate=0.0, epochs=2,
+                    warmup_epochs=0, lr=0.05 if optimizer != "adamw" else 0.0005, clip_grad=0.3, batch_size=4,
+                    freeze_last_layer=1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    warmup_teacher_temp_epochs=2, momentum_teacher=0.9, global_crop_size=32)
+    spe = 1
+    torch.manual_seed(0)
+    backbone_kwargs = dict(img_size=32, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads)
+    student, teacher = R.build_student_teacher(
+        lambda patch_size, **kw: R.VisionTransformer(patch_size=patch_size, **kw), c.patch_size, c.out_dim, 0.0,
+        norm_last_layer=norm_last_layer, backbone_kwargs=backbone_kwargs,
+        head_kwargs=dict(hidden_dim=c.head_hidden_dim, bottleneck_dim=c.head_bottleneck_dim))
+    if not norm_last_layer:
+        with torch.no_grad():
+            student.head.last_layer.weight_g.uniform_(0.5, 1.5)
+            teacher.load_state_dict(student.state_dict())
+    ncrops = 2 + c.local_crops_number
+    loss_ref = R.DINOLoss(c.out_dim, ncrops, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs,
+                          c.epochs)
+    opt = R.build_optimizer(student, optimizer)
+    sched = schedules.training_schedules(c, spe)
+
+    model = dino.build_model(c)
+    state = dino.create_train_state(c, model, spe, jax.random.PRNGKey(0))
+    params = convert.torch_to_flax(student.state_dict())
+    state = state.replace(params=params, teacher_params=jax.tree.map(jnp.copy, params),
+                          opt_state=state.tx.init(params))
+    step = jax.jit(dino.make_train_step(c, spe))
+
+    prototypes0 = np.asarray(state.params["head"]["last_layer"]["weight_v"]).copy()
+    rng = np.random.default_rng(0)
+    for it in range(2):
+        g = rng.normal(size=(c.batch_size, 2, 32, 32, 3)).astype(np.float32)
+        loc = rng.normal(size=(c.batch_size, c.local_crops_number, 16, 16, 3)).astype(np.float32)
+        images = [nchw(g[:, i]) for i in range(2)] + [nchw(loc[:, i]) for i in range(c.local_crops_number)]
+        want_loss = R.train_step(student, teacher, loss_ref, opt, images, it // spe, it, sched["lr"], sched["wd"],
+                                 sched["momentum"], c.clip_grad, c.freeze_last_layer)
+        state, metrics = step(state, {"global": g, "local": loc})
+        assert abs(float(metrics["loss"]) - want_loss) <= 1e-5 * abs(want_loss)
+        errs = {
+            "student": max_relative_error(convert.torch_to_flax(student.state_dict()), state.params),
+            "teacher": max_relative_error(convert.torch_to_flax(teacher.state_dict()), state.teacher_params),
+            "center": rel(state.center, loss_ref.center.numpy()),
+        }
+        print(f"{optimizer} norm_last_layer={norm_last_layer} step {it}: " +
+              ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        assert max(errs.values()) <= 1e-5, errs
+        moved = not np.array_equal(np.asarray(state.params["head"]["last_layer"]["weight_v"]), prototypes0)
+        assert moved == (it >= c.freeze_last_layer * spe)  # frozen during epoch 0 only
