@@ -1,0 +1,233 @@
+"""Weighted k-NN evaluation, flagged like the reference's `eval_knn.py`.
+
+    python -m dino_jax.eval_knn --pretrained_weights WORKDIR_OR_PTH --data_path /path/to/imagenet
+    python -m dino_jax.eval_knn --pretrained_weights runs/demo --dataset demo --nb_knn 10 20 --output knn.json
+
+Differences from the reference: --dataset takes a dino_jax spec (tfds:NAME, folder:PATH with train/ and val/, or
+demo, whose train/val splits are used); num_classes comes from the data instead of being 1000; any number of test
+images works; without --pretrained_weights the network is randomly initialised (the reference would download the
+released weights, which needs a network). This module also holds the plumbing the other evaluation CLIs share.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared CLI plumbing (used by eval_linear and visualize_attention too).
+
+
+def add_model_flags(parser: argparse.ArgumentParser, patch_size: int = 16):
+    parser.add_argument("--pretrained_weights", default="", type=str,
+                        help="dino_jax workdir (or its checkpoints/<step>) or a reference .pth file; empty = random "
+                             "init (the reference downloads its released weights instead)")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help='which network of a full checkpoint to evaluate: "teacher" (default) or "student"')
+    parser.add_argument("--arch", default="vit_small", type=str,
+                        help="vit_tiny | vit_small | vit_base; a checkpoint's own architecture wins when it has one")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help="patch resolution of the model")
+
+
+def add_data_flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="folder with train/ and val/ ImageFolders (class = subfolder), as in the reference")
+    parser.add_argument("--dataset", default=None, type=str,
+                        help="instead of --data_path: a dataset spec, tfds:NAME (train + --val_split), "
+                             "folder:PATH (PATH/train, PATH/val) or demo (its train and val splits)")
+    parser.add_argument("--val_split", default="validation", type=str, help="TFDS split used as val with tfds:NAME")
+    parser.add_argument("--data_dir", default=None, type=str, help="TFDS data_dir")
+    parser.add_argument("--resize_size", default=None, type=int,
+                        help="eval resize of the shorter side (default 256; the demo's native size for demo)")
+    parser.add_argument("--crop_size", default=None, type=int,
+                        help="eval centre crop (default 224; the demo's native size for demo)")
+
+
+def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher", arch: str = "vit_small",
+                  patch_size: int = 16, seed: int = 0):
+    """(model, params, info) from a dino_jax workdir or a reference .pth, or a random init when no path is given."""
+    from dino_jax.models.vit import build_vit
+
+    if pretrained_weights:
+        if not os.path.exists(pretrained_weights) and "://" not in pretrained_weights:
+            sys.exit(f"--pretrained_weights {pretrained_weights}: no such file or folder. Pass a dino_jax workdir "
+                     "(the --workdir of a training run) or a reference .pth file.")
+        from dino_jax import convert
+
+        params, info = convert.load_pretrained(pretrained_weights, checkpoint_key=checkpoint_key)
+        info = dict(info)
+        if info.get("arch") not in (None, arch) or info.get("patch_size") not in (None, patch_size):
+            print(f"note: {pretrained_weights} holds {info.get('arch')}/{info.get('patch_size')}; using that "
+                  f"instead of --arch {arch} --patch_size {patch_size}", flush=True)
+        kw = {k: info[k] for k in ("embed_dim", "depth", "num_heads", "img_size") if info.get(k) is not None}
+        if info.get("pos_embed_interp"):
+            kw["pos_embed_interp"] = info["pos_embed_interp"]
+        model = build_vit(info.get("arch") or arch, info.get("patch_size") or patch_size, **kw)
+        print(f"loaded {info.get('arch') or arch}/{model.patch_size} ({checkpoint_key}) from {pretrained_weights}",
+              flush=True)
+        return model, params, info
+    model = build_vit(arch, patch_size)
+    print(f"WARNING: no --pretrained_weights given; evaluating a RANDOMLY INITIALISED {arch}/{patch_size} "
+          "(the reference would download its released weights, which needs a network)", flush=True)
+    x = np.zeros((1, model.img_size, model.img_size, 3), np.float32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
+    info = {"arch": arch, "patch_size": patch_size, "embed_dim": model.embed_dim, "depth": model.depth,
+            "num_heads": model.num_heads, "img_size": model.img_size, "random_init": True}
+    return model, params, info
+
+
+def open_train_val(args, image_size: int | None = None):
+    """(train source, val source, resize_size, crop_size) from --data_path / --dataset."""
+    from dino_jax.data import sources
+
+    if bool(args.data_path) == bool(args.dataset):
+        sys.exit("give exactly one of --data_path (a folder with train/ and val/) or --dataset (a spec: "
+                 "tfds:NAME, folder:PATH or demo)")
+    spec = args.dataset or f"folder:{args.data_path.rstrip('/')}"
+    kind, _, rest = spec.partition(":")
+    demo = kind == "demo"
+    if kind == "folder":
+        for sub in ("train", "val"):
+            if not os.path.isdir(os.path.join(rest, sub)):
+                sys.exit(f"{os.path.join(rest, sub)} is not a folder; --data_path/--dataset folder:PATH must hold "
+                         "train/ and val/ ImageFolders (train/<class>/<image>, val/<class>/<image>)")
+        train = sources.load_source(f"folder:{os.path.join(rest, 'train')}")
+        val = sources.load_source(f"folder:{os.path.join(rest, 'val')}")
+    elif kind == "tfds":
+        name = rest.partition(":")[0]
+        train = sources.load_source(f"tfds:{name}", "train", data_dir=args.data_dir)
+        val = sources.load_source(f"tfds:{name}", args.val_split, data_dir=args.data_dir)
+    elif demo:
+        size = image_size or 32
+        train = sources.load_source(spec, "train", image_size=size)
+        val = sources.load_source(spec, "val", image_size=size)
+    else:
+        sys.exit(f"--dataset {spec!r}: unknown kind {kind!r}; use tfds:NAME, folder:PATH or demo")
+    native = image_size or 32
+    resize = args.resize_size or (native if demo else 256)
+    crop = args.crop_size or (native if demo else 224)
+    return train, val, resize, crop
+
+
+def demo_image_size(info) -> int | None:
+    """The demo is rendered at the resolution the checkpoint was trained at (its img_size), else at 32 px."""
+    return None if info.get("random_init") else info.get("img_size")
+
+
+def global_batch_size(per_device: int) -> int:
+    return per_device * jax.device_count()
+
+
+def eval_batches(source, global_batch: int, resize_size: int, crop_size: int):
+    from dino_jax import sharding
+    from dino_jax.data import pipeline
+
+    mesh = sharding.make_mesh()
+    return pipeline.eval_iterator(source, global_batch=global_batch, sharding=sharding.batch_sharding(mesh),
+                                  resize_size=resize_size, crop_size=crop_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature dump / load in the reference's file names (torch tensors when torch is installed, else .npy).
+
+FEATURE_FILES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
+
+
+def dump_features(path: str, arrays):
+    os.makedirs(path, exist_ok=True)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    for name, a in zip(FEATURE_FILES, arrays):
+        if torch is not None:
+            torch.save(torch.from_numpy(np.ascontiguousarray(a)), os.path.join(path, f"{name}.pth"))
+        else:
+            np.save(os.path.join(path, f"{name}.npy"), a)
+    print(f"features written to {path}", flush=True)
+
+
+def load_features(path: str):
+    out = []
+    for name in FEATURE_FILES:
+        pth, npy = os.path.join(path, f"{name}.pth"), os.path.join(path, f"{name}.npy")
+        if os.path.exists(pth):
+            import torch
+
+            out.append(torch.load(pth, map_location="cpu").numpy())
+        elif os.path.exists(npy):
+            out.append(np.load(npy))
+        else:
+            sys.exit(f"--load_features {path}: missing {name}.pth (or .npy); it must hold trainfeat, testfeat, "
+                     "trainlabels and testlabels as written by --dump_features")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Evaluation with weighted k-NN (dino_jax)")
+    p.add_argument("--batch_size_per_gpu", default=128, type=int, help="images per device per batch")
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
+                   help="numbers of nearest neighbours; 20 usually works best")
+    p.add_argument("--temperature", default=0.07, type=float, help="temperature of the voting weights exp(sim/T)")
+    add_model_flags(p, 16)
+    p.add_argument("--dump_features", default=None, help="folder to save the computed features and labels in")
+    p.add_argument("--load_features", default=None, help="folder of features saved by --dump_features")
+    add_data_flags(p)
+    p.add_argument("--output", default=None, type=str, help="write the results as JSON to this file")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    from dino_jax.evaluation import knn
+
+    t0 = time.time()
+    if args.load_features:
+        train_f, test_f, train_l, test_l = load_features(args.load_features)
+        num_classes = int(max(train_l.max(), test_l.max())) + 1
+    else:
+        model, params, info = load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+        train, val, resize, crop = open_train_val(args, demo_image_size(info))
+        num_classes = max(train.num_classes, val.num_classes)
+        gb = global_batch_size(args.batch_size_per_gpu)
+        print(f"data: {train.num_examples} train and {val.num_examples} val images, {num_classes} classes; "
+              f"resize {resize}, crop {crop}; global batch {gb}", flush=True)
+        print("extracting features for the train set...", flush=True)
+        train_f, train_l = knn.extract_features(model, params, eval_batches(train, gb, resize, crop),
+                                                name="train")
+        print("extracting features for the val set...", flush=True)
+        test_f, test_l = knn.extract_features(model, params, eval_batches(val, gb, resize, crop), name="val")
+        if args.dump_features and jax.process_index() == 0:
+            dump_features(args.dump_features, (train_f, test_f, train_l, test_l))
+    print(f"features ready: train {train_f.shape}, test {test_f.shape} ({time.time() - t0:.1f}s); k-NN...",
+          flush=True)
+    ks = [k for k in args.nb_knn if k <= len(train_f)]
+    if len(ks) < len(args.nb_knn):
+        print(f"note: skipping k > {len(train_f)} (the number of train images): "
+              f"{[k for k in args.nb_knn if k > len(train_f)]}", flush=True)
+    results = knn.knn_classifier_multi_k(train_f, train_l, test_f, test_l, ks, args.temperature, num_classes)
+    for k in ks:
+        print(f"{k}-NN classifier result: Top1: {results[k]['top1']}, Top5: {results[k]['top5']}")
+    print(knn.format_table(results), flush=True)
+    if args.output and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump({"results": {str(k): v for k, v in results.items()}, "temperature": args.temperature,
+                       "num_train": int(len(train_f)), "num_test": int(len(test_f)), "num_classes": num_classes,
+                       "pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key},
+                      f, indent=2)
+        print(f"results written to {args.output}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
