@@ -83,8 +83,29 @@ def test_errors_are_clear():
     f = np.eye(4, dtype=np.float32)
     with pytest.raises(ValueError, match="train bank holds only 4"):
         knn.knn_classifier(f, np.arange(4), f, np.arange(4), 10, 0.07, 4)
+    assert list(knn.knn_classifier_multi_k(f, np.arange(4), f, np.arange(4), [1, 10], 0.07, 4)) == [1]
     with pytest.raises(ValueError, match="num_classes"):
         knn.knn_classifier(f, np.arange(4), f, np.arange(4), 1, 0.07, 3)
+
+
+def test_cli_on_dumped_features(tmp_path):
+    """eval_knn --load_features reads the reference's file names and writes the JSON table."""
+    from dino_jax import eval_knn
+
+    rng = np.random.default_rng(3)
+    train_f, train_l, c = _clustered(rng, 60, 4)
+    test_f, test_l, _ = _clustered(rng, 9, 4, centers=c)
+    eval_knn.dump_features(str(tmp_path / "feats"), (train_f, test_f, train_l, test_l))
+    assert sorted(os.listdir(tmp_path / "feats")) == ["testfeat.pth", "testlabels.pth", "trainfeat.pth",
+                                                      "trainlabels.pth"]
+    eval_knn.main(["--load_features", str(tmp_path / "feats"), "--nb_knn", "1", "5", "--temperature", "0.1",
+                   "--output", str(tmp_path / "knn.json")])
+    import json
+
+    got = json.loads((tmp_path / "knn.json").read_text())
+    assert got["num_classes"] == 4 and got["num_test"] == 9
+    want = _torch_knn(train_f, train_l, test_f, test_l, 5, 0.1, 4)
+    assert (got["results"]["5"]["top1"], got["results"]["5"]["top5"]) == pytest.approx(want)
 
 
 def _batches(images, labels, order, batch):

@@ -145,7 +145,8 @@ def _knn_chunk(train_t, train_labels, feats, targets, row_valid, T, *, ks, num_c
 
 def knn_classifier_multi_k(train_features, train_labels, test_features, test_labels, ks: Sequence[int], T: float,
                            num_classes: int, chunk_size: int | None = None) -> dict:
-    """{k: {"top1", "top5"}} (percent) for every k in `ks`, from one top-max(k) search per chunk of test rows.
+    """{k: {"top1", "top5"}} (percent) for every k in `ks` (k larger than the bank is skipped with a note), from
+    one top-max(k) search per chunk of test rows.
 
     Features must already be L2-normalised (as `extract_features` returns them); jnp or numpy inputs.
     `chunk_size` test rows are compared with the whole bank at once; by default as many as keep the similarity
@@ -159,9 +160,13 @@ def knn_classifier_multi_k(train_features, train_labels, test_features, test_lab
     n_train, n_test = train_features.shape[0], test_features.shape[0]
     if not ks or min(ks) < 1:
         raise ValueError(f"--nb_knn must be positive integers, got {list(ks)}")
-    if max(ks) > n_train:
-        raise ValueError(f"k={max(ks)} neighbours asked for but the train bank holds only {n_train} images; "
-                         "lower --nb_knn (or config.nb_knn) or use more train images")
+    if max(ks) > n_train:  # skipped rather than fatal: a periodic evaluation on a small bank should not stop training
+        if min(ks) > n_train:
+            raise ValueError(f"k={min(ks)} neighbours asked for but the train bank holds only {n_train} images; "
+                             "lower --nb_knn (or config.nb_knn) or use more train images")
+        print(f"k-NN: skipping k={[k for k in ks if k > n_train]} (the train bank holds only {n_train} images)",
+              flush=True)
+        ks = tuple(k for k in ks if k <= n_train)
     if n_test == 0:
         raise ValueError("knn_classifier: no test images")
     if train_features.shape[1] != test_features.shape[1]:
