@@ -3,6 +3,7 @@
 Re-running the same command resumes from the latest checkpoint in DIR. Multi-host: on TPU VMs JAX finds the
 other hosts itself; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -18,9 +19,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keep the console about training: drop orbax's per-save INFO chatter (warnings and errors still show)."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax  # after flag parsing so --help is fast
 
     if FLAGS.coordinator_address:

@@ -179,8 +179,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.update(received=signum))
     writer = Writer(workdir)
     pending, last_saved = [], (ckpt.latest_step() or 0)
-    t_start = time.time()
-    t_window, window_start = time.time(), start_step
+    t_start = t_window = time.time()
+    session_seconds = 0.0  # training time of this process (excludes evaluation), for images/s and the ETA
     train_seconds = float(summary.get("train_seconds", 0.0))
     step = start_step
     try:
@@ -191,10 +191,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
             done = step + 1
             epoch_end = done % spe == 0
             if done % config.log_every_steps == 0 or epoch_end or done == total_steps or stop_signal["received"]:
+                last = _drain(pending, config, writer, ckpt, last_saved)  # waits for the device: timing is true
                 now = time.time()
-                rate = (done - window_start) * config.batch_size / max(now - t_window, 1e-9)
                 train_seconds += now - t_window
-                last = _drain(pending, config, writer, ckpt, last_saved)
+                session_seconds += now - t_window
+                t_window = now
+                rate = (done - start_step) * config.batch_size / max(session_seconds, 1e-9)
                 eta = (total_steps - done) * config.batch_size / max(rate, 1e-9)
                 logging.info("epoch %d step %d/%d loss %.4f lr %.3g wd %.3g m %.5f T %.3f H %.3f KL %.3f "
                              "| %.1f img/s | ETA %s", done // spe, done, total_steps, last["loss"], last["lr"],
@@ -204,7 +206,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 warning = dino.collapse_warning(last, config.out_dim)
                 if warning:
                     logging.warning("step %d: %s", done, warning)
-                t_window, window_start = time.time(), done
             eval_due = epoch_end and config.eval_every_epochs and (done // spe) % config.eval_every_epochs == 0
             if eval_due or done == total_steps:
                 _drain(pending, config, writer, ckpt, last_saved)
@@ -213,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     logging.info("evaluation at epoch %d: %s", done // spe, _fmt(results))
                     writer.write(done, results)
                     summary.update(results)
-                t_window, window_start = time.time(), done
+                t_window = time.time()  # evaluation time is not training time
             if done % config.checkpoint_every_steps == 0 or epoch_end or stop_signal["received"]:
                 _drain(pending, config, writer, ckpt, last_saved)
                 meta = {**meta, "summary": {**summary, "train_seconds": train_seconds}, "epoch": done // spe}
@@ -232,7 +233,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         signal.signal(signal.SIGTERM, previous)
     summary.update({"epochs": config.epochs, "steps": total_steps, "wall_seconds": time.time() - t_start,
                     "train_seconds": train_seconds,
-                    "images_per_second": (total_steps - start_step) * config.batch_size / max(train_seconds, 1e-9)})
+                    "images_per_second": (total_steps - start_step) * config.batch_size / max(session_seconds, 1e-9)})
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
