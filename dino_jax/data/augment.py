@@ -1,0 +1,288 @@
+"""DINO's `DataAugmentationDINO` as tf.data ops on float32 [0, 1] HWC images.
+
+Every random op takes an explicit `seed` (a shape-[2] int tensor) and uses only stateless TF RNG, so an image's crops
+depend on (seed, epoch, example index) alone, never on thread count, element order or process count.
+
+Semantics follow the reference (shared/research/dino_reference.md, section 1.3), which runs torchvision on PIL images:
+RandomResizedCrop with torchvision's sampling and fallback, PIL-like bicubic resizing with antialiasing, ColorJitter's
+multiplicative brightness / mean-grey contrast / grey-blend saturation / HSV hue shift in a random order, ITU-R 601
+grayscale, Gaussian blur with sigma in [0.1, 2] (reflect padding, so borders are not darkened), solarize at 128.
+The differences that remain are float arithmetic instead of uint8 rounding between ops, and a true Gaussian kernel
+where PIL approximates one with box blurs (tests/test_augment.py compares each op with PIL).
+
+Speed: the crops of one image share one blur op and one normalisation op, and the per-image ops avoid tf.where and
+channel-axis broadcasts (slow on CPU). The antialiased resize is about half of the cost and is kept for fidelity.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+try:  # the accelerators belong to JAX; tf.data runs on the host CPU
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF was already initialised by someone else; nothing to do
+    pass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))  # fixed kernel support: 3 sigma of the largest sigma
+
+
+def split(seed, n: int):
+    """n independent seeds from one; shape (n, 2)."""
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), n)
+
+
+def fold_in(seed, data):
+    """A new seed from a seed and an integer (epoch, example index, ...)."""
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), tf.cast(data, tf.int64))
+
+
+def uniform(seed, low=0.0, high=1.0, shape=()):
+    return tf.random.stateless_uniform(shape, seed, low, high, dtype=tf.float32)
+
+
+def to_float(image_uint8):
+    return tf.cast(image_uint8, tf.float32) / 255.0
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def sample_crop_windows(seed, height, width, n: int, scale, ratio=RATIO, attempts: int = 10):
+    """torchvision RandomResizedCrop.get_params for n crops: (top, left, h, w), each int32 of shape (n,).
+
+    Area fraction ~ U(scale), aspect ~ log-uniform(ratio); the first of `attempts` draws that fits wins; if none
+    fits, a centre crop of the whole image with its aspect ratio clamped into `ratio`.
+    """
+    s = split(seed, 4)
+    hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = hf * wf * uniform(s[0], scale[0], scale[1], [n, attempts])
+    aspect = tf.exp(uniform(s[1], math.log(ratio[0]), math.log(ratio[1]), [n, attempts]))
+    w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, as Python's round
+    h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    h, w = tf.gather(h, first, batch_dims=1), tf.gather(w, first, batch_dims=1)
+    in_ratio = wf / hf
+    fb_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32), width)
+    fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
+    ok = tf.reduce_any(fits, axis=1)
+    h, w = tf.where(ok, h, fb_h), tf.where(ok, w, fb_w)
+    # torch.randint(0, H - h + 1): uniform over every valid offset; the fallback is centred.
+    top = tf.cast(tf.floor(uniform(s[2], shape=[n]) * tf.cast(height - h + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(uniform(s[3], shape=[n]) * tf.cast(width - w + 1, tf.float32)), tf.int32)
+    top = tf.where(ok, tf.minimum(top, height - h), (height - h) // 2)
+    left = tf.where(ok, tf.minimum(left, width - w), (width - w) // 2)
+    return top, left, h, w
+
+
+def resize(image, size):
+    """Bicubic with antialiasing, clipped to [0, 1]. This is PIL's BICUBIC (Keys a=-0.5, kernel stretched by the
+    downscale factor) to within 0.3/255 on average; PIL also rounds to uint8 between its two passes."""
+    return tf.clip_by_value(tf.image.resize(image, size, method="bicubic", antialias=True), 0.0, 1.0)
+
+
+def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
+    """n RandomResizedCrops of one (H, W, 3) image: a list of (size, size, 3). Small images are upsampled."""
+    shape = tf.shape(image)
+    top, left, h, w = sample_crop_windows(seed, shape[0], shape[1], n, scale, ratio)
+    return [resize(image[top[i]:top[i] + h[i], left[i]:left[i] + w[i]], (size, size)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- photometric ops
+# One (H, W, 3) image and scalar parameters each. Speed notes (TF on CPU): ops between a tensor and a scalar or a
+# same-shape tensor are fast; broadcasting over the channel axis, a reduction over it, and tf.where on images are
+# several times slower, so the ops below avoid them.
+
+
+def flip(image, do=True):
+    """Mirror left-right where `do`; a gather with computed indices costs less than a tf.cond around tf.reverse."""
+    width = tf.shape(image)[-2]
+    columns = tf.range(width)
+    return tf.gather(image, tf.where(do, width - 1 - columns, columns), axis=-2)
+
+
+def grey(image):
+    """ITU-R 601 luma, (H, W, 1)."""
+    w = GREY_WEIGHTS
+    return image[..., 0:1] * w[0] + image[..., 1:2] * w[1] + image[..., 2:3] * w[2]
+
+
+def to_grayscale(image):
+    """3-channel grey, as RandomGrayscale(num_output_channels=3)."""
+    g = grey(image)
+    return tf.concat([g, g, g], axis=-1)
+
+
+def _blend(image, other, factor):
+    return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(image, factor):
+    """Multiplicative, as torchvision (not tf.image's additive brightness)."""
+    return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def adjust_contrast(image, factor):
+    """Blend with the image's mean grey level, as torchvision."""
+    return _blend(image, tf.reduce_mean(grey(image)), factor)
+
+
+def adjust_saturation(image, factor):
+    """Blend with the grey image, as torchvision."""
+    return _blend(image, to_grayscale(image), factor)
+
+
+def adjust_hue(image, delta):
+    """Shift the HSV hue by delta (a fraction of the circle), as torchvision's adjust_hue."""
+    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def sample_jitter(seed, n: int = 1, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1).get_params for n images: factors (n, 4) in JITTER_OPS order, and a
+    uniformly random order of the four ops, (n, 4)."""
+    s = split(seed, 2)
+    low = tf.constant([1 - brightness, 1 - contrast, 1 - saturation, -hue])
+    high = tf.constant([1 + brightness, 1 + contrast, 1 + saturation, hue])
+    factors = low + (high - low) * uniform(s[0], shape=[n, 4])
+    order = tf.argsort(uniform(s[1], shape=[n, 4]), axis=1)
+    return factors, order
+
+
+def color_jitter(image, factors, order):
+    """torchvision ColorJitter: op order[k] (an index into JITTER_OPS) runs k-th with parameter factors[op];
+    values are clamped to [0, 1] after each op."""
+    for position in range(4):
+        image = tf.switch_case(order[position], [lambda op=op, j=j, x=image: op(x, factors[j])
+                                                 for j, op in enumerate(JITTER_OPS)])
+    return image
+
+
+def gaussian_kernels(sigma, radius: int):
+    """Normalised 1-D Gaussians, (n, 2 * radius + 1) for sigma of shape (n,)."""
+    t = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-0.5 * tf.square(t / sigma[:, None]))
+    return k / tf.reduce_sum(k, axis=1, keepdims=True)
+
+
+def gaussian_blur(images, sigma, apply=None, radius: int = BLUR_RADIUS):
+    """Separable Gaussian blur of n images with per-image sigma (n,) and reflect padding (so a uniform image stays
+    uniform at its borders); images where `apply` is False are left exactly as they are.
+
+    images: a list of n (H, W, 3) images; returns (n, H, W, 3). They are stacked into one (1, H, W, n*3) tensor so a
+    single depthwise convolution blurs them all, each with its own kernel.
+    """
+    n, height, width = len(images), images[0].shape[0], images[0].shape[1]
+    r = min(radius, height - 1, width - 1)  # reflect padding needs r < side
+    k = gaussian_kernels(sigma, r)
+    if apply is not None:  # a unit impulse leaves an image exactly unchanged
+        k = tf.where(apply[:, None], k, tf.one_hot(r, 2 * r + 1))
+    k = tf.transpose(tf.repeat(k, 3, axis=0))  # (K, n*3): channel c of image i is channel 3i + c below
+    x = tf.reshape(tf.stack(images, axis=2), [1, height, width, n * 3])
+    x = tf.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
+    x = tf.nn.depthwise_conv2d(x, k[:, None, :, None], [1, 1, 1, 1], "VALID")
+    x = tf.nn.depthwise_conv2d(x, k[None, :, :, None], [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(x, [height, width, n, 3]), [2, 0, 1, 3])
+
+
+def solarize(image, threshold: float = 128.0 / 255.0):
+    """PIL ImageOps.solarize(128): every value >= 128/255 becomes 1 - value."""
+    return image + tf.cast(image >= threshold, tf.float32) * (1.0 - 2.0 * image)
+
+
+def normalize(images):
+    """ImageNet mean/std, with same-shape constants (a channel-axis broadcast is several times slower)."""
+    images = tf.convert_to_tensor(images, tf.float32)
+    shape = images.shape.as_list() if images.shape.is_fully_defined() else [3]
+    mean = tf.constant(np.broadcast_to(np.float32(IMAGENET_MEAN), shape))
+    inv_std = tf.constant(np.broadcast_to(1.0 / np.float32(IMAGENET_STD), shape))
+    return (images - mean) * inv_std
+
+
+# ---------------------------------------------------------------- DataAugmentationDINO
+
+
+def sample_view_params(seed, n: int, p_blur=0.0, p_solarize=0.0) -> dict:
+    """Every random decision of n crops after the crop itself: flip (p 0.5), jitter (p 0.8) with its factors and
+    order, grey (p 0.2), blur (p_blur) with its sigma, solarize (p_solarize). p_*: a float or one per crop."""
+    s = split(seed, 3)
+    u = uniform(s[0], shape=[n, 5])
+    factors, order = sample_jitter(s[1], n)
+    return {"flip": u[:, 0] < 0.5, "jitter": u[:, 1] < 0.8, "factors": factors, "order": order,
+            "grey": u[:, 2] < 0.2, "blur": u[:, 3] < np.broadcast_to(np.float32(p_blur), [n]),
+            "sigma": uniform(s[2], BLUR_SIGMA[0], BLUR_SIGMA[1], [n]),
+            "solarize": u[:, 4] < np.broadcast_to(np.float32(p_solarize), [n])}
+
+
+def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0):
+    """n crops of one float image, each: RandomResizedCrop -> flip -> ColorJitter -> grey -> blur -> solarize ->
+    normalise (the reference's order), as (n, size, size, 3)."""
+    s = split(seed, 2)
+    crops = random_resized_crops(image, s[0], n, size, scale)
+    v = sample_view_params(s[1], n, p_blur, p_solarize)
+    out = []
+    for i in range(n):
+        x = flip(crops[i], v["flip"][i])
+        x = tf.cond(v["jitter"][i], lambda i=i, x=x: color_jitter(x, v["factors"][i], v["order"][i]), lambda x=x: x)
+        out.append(tf.cond(v["grey"][i], lambda x=x: to_grayscale(x), lambda x=x: x))
+    x = gaussian_blur(out, v["sigma"], apply=v["blur"]) if np.max(p_blur) > 0 else tf.stack(out)
+    if np.max(p_solarize) > 0:
+        x = tf.stack([tf.cond(v["solarize"][i], lambda x=x[i]: solarize(x), lambda x=x[i]: x)
+                      if np.broadcast_to(p_solarize, [n])[i] > 0 else x[i] for i in range(n)])
+    return normalize(x)
+
+
+def multicrop(image_uint8, seed, *, global_size: int = 224, local_size: int = 96, global_scale=(0.4, 1.0),
+              local_scale=(0.05, 0.4), n_local: int = 8):
+    """DataAugmentationDINO: (globals (2, G, G, 3), locals (n_local, l, l, 3)), float32, ImageNet-normalised.
+
+    Global 1 always blurred; global 2 blurred with p 0.1 and solarised with p 0.2; each local blurred with p 0.5.
+    """
+    image = to_float(image_uint8)
+    s = split(seed, 2)
+    globals_ = views(image, s[0], n=2, size=global_size, scale=global_scale, p_blur=(1.0, 0.1),
+                     p_solarize=(0.0, 0.2))
+    if n_local == 0:
+        return globals_, tf.zeros([0, local_size, local_size, 3])
+    return globals_, views(image, s[1], n=n_local, size=local_size, scale=local_scale, p_blur=0.5)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def resize_shorter_and_center_crop(image, resize_size: int, crop_size: int, method: str = "bicubic"):
+    """torchvision Resize(resize_size) (shorter side; longer side truncated) then CenterCrop(crop_size).
+
+    `method="nearest"` is for label masks, which must stay aligned with the image and keep their values.
+    """
+    if crop_size > resize_size:
+        raise ValueError(f"crop_size={crop_size} is larger than resize_size={resize_size}; "
+                         "the centre crop must fit in the resized image")
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    short = tf.minimum(h, w)
+    new_h = tf.where(h <= w, resize_size, tf.cast(resize_size * h / short, tf.int32))
+    new_w = tf.where(w <= h, resize_size, tf.cast(resize_size * w / short, tf.int32))
+    if method == "nearest":
+        x = tf.image.resize(image, (new_h, new_w), method="nearest")
+    else:
+        x = resize(image, (new_h, new_w))
+    top = tf.cast(tf.round(tf.cast(new_h - crop_size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - crop_size, tf.float32) / 2.0), tf.int32)
+    return x[top:top + crop_size, left:left + crop_size]
+
+
+def eval_transform(image_uint8, *, resize_size: int = 256, crop_size: int = 224):
+    """The k-NN / linear-probe evaluation transform: Resize(256, bicubic) -> CenterCrop(224) -> normalise."""
+    x = tf.ensure_shape(resize_shorter_and_center_crop(to_float(image_uint8), resize_size, crop_size),
+                        [crop_size, crop_size, 3])
+    return normalize(x)

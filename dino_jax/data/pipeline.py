@@ -1,0 +1,149 @@
+"""Per-process input pipelines that yield global `jax.Array` batches.
+
+Training: every epoch is a permutation of the example indices drawn from (seed, epoch); global step s of an epoch
+uses permutation entries [s*B, (s+1)*B), of which process p takes its contiguous 1/process_count slice. So the
+processes together see every example once per epoch (minus the drop_remainder tail), no process reads another's
+examples, and a crop depends only on (seed, epoch, example index): the same whatever the thread or process count.
+Resuming at any step skips index tensors, not decoded images.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from dino_jax.data import augment
+from dino_jax.data.sources import Source
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the tail is dropped, as the reference's drop_last)."""
+    steps = num_examples // global_batch
+    if steps == 0:
+        raise ValueError(f"global batch {global_batch} is larger than the dataset ({num_examples} examples); "
+                         "lower config.batch_size or use a bigger dataset")
+    return steps
+
+
+def _process(process_index, process_count, global_batch):
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} must be divisible by the process count {process_count}")
+    return process_index, process_count, global_batch // process_count
+
+
+def _options(num_parallel_calls):
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.inject_prefetch = False  # prefetch is explicit below
+    options.threading.max_intra_op_parallelism = 1  # parallelism comes from map(); per-op threads only add overhead
+    if num_parallel_calls != tf.data.AUTOTUNE:
+        options.threading.private_threadpool_size = max(int(num_parallel_calls), 1)
+    return options
+
+
+def train_indices(num_examples: int, *, global_batch: int, seed: int, process_index: int, process_count: int,
+                  start_step: int = 0) -> tf.data.Dataset:
+    """(epoch, index) pairs this process reads, from global step `start_step` on, forever."""
+    spe = steps_per_epoch(num_examples, global_batch)
+    local = global_batch // process_count
+    start_epoch, skip = divmod(start_step, spe)
+
+    def epoch_indices(epoch):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        mine = tf.reshape(perm[:spe * global_batch], [spe, process_count, local])[:, process_index]
+        first = tf.where(epoch == start_epoch, skip * local, 0)
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(mine, [-1])[first:]).map(lambda i: (epoch, i))
+
+    return tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
+
+
+class TrainIterator:
+    """Yields {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3), "label": (B,)} global arrays.
+
+    `step` and `epoch` say where the next batch sits in the schedule (bookkeeping lives here, not in the batch,
+    because every leaf of the batch is sharded along the batch axis).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, sharding, start_step: int, spe: int):
+        self._it = iter(dataset.as_numpy_iterator())
+        self._sharding = sharding
+        self.step, self.steps_per_epoch = start_step, spe
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        local = next(self._it)
+        self.step += 1
+        return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local.items()}
+
+
+def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, start_step: int = 0,
+                   global_crop_size: int = 224, local_crop_size: int = 96, global_crops_scale=(0.4, 1.0),
+                   local_crops_scale=(0.05, 0.4), local_crops_number: int = 8,
+                   process_index: Optional[int] = None, process_count: Optional[int] = None,
+                   num_parallel_calls=tf.data.AUTOTUNE, prefetch: int = 2) -> TrainIterator:
+    """Endless multi-crop batches for DINO training, starting at global step `start_step` (epoch start_step // spe).
+
+    sharding: a NamedSharding with P('data') on the batch axis; process_index / process_count default to JAX's.
+    """
+    process_index, process_count, local_batch = _process(process_index, process_count, global_batch)
+    spe = steps_per_epoch(source.num_examples, global_batch)
+    base_seed = tf.constant([seed, 0], tf.int64)
+
+    def load_and_augment(epoch, position):
+        ex = source.load(position)
+        crop_seed = augment.fold_in(augment.fold_in(base_seed, epoch), ex["index"])
+        globals_, locals_ = augment.multicrop(
+            ex["image"], crop_seed, global_size=global_crop_size, local_size=local_crop_size,
+            global_scale=global_crops_scale, local_scale=local_crops_scale, n_local=local_crops_number)
+        return {"global": globals_, "local": locals_, "label": ex["label"]}
+
+    ds = train_indices(source.num_examples, global_batch=global_batch, seed=seed, process_index=process_index,
+                       process_count=process_count, start_step=start_step)
+    ds = ds.map(load_and_augment, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch).with_options(_options(num_parallel_calls))
+    return TrainIterator(ds, sharding, start_step, spe)
+
+
+def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: int = 256, crop_size: int = 224,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  num_parallel_calls=tf.data.AUTOTUNE) -> Iterator[dict]:
+    """Every example once, in index order, as {"image", "label", "index", "valid"} (+ "mask") global arrays.
+
+    Each process reads a contiguous share, padded so all processes run the same number of batches; padding rows
+    repeat example 0 of the share and have valid=False. Masks are resized and cropped like the image (nearest).
+    """
+    process_index, process_count, local_batch = _process(process_index, process_count, global_batch)
+    n = source.num_examples
+    share = -(-n // process_count)
+    num_batches = max(-(-share // local_batch), 1)
+    positions = np.arange(process_index * share, min((process_index + 1) * share, n), dtype=np.int64)
+    padded = np.full(num_batches * local_batch, -1, np.int64)
+    padded[:len(positions)] = positions
+    fill = positions[0] if len(positions) else 0
+
+    def load(position):
+        valid = position >= 0
+        ex = source.load(tf.where(valid, position, fill))
+        out = {"image": augment.eval_transform(ex["image"], resize_size=resize_size, crop_size=crop_size),
+               "label": ex["label"], "index": tf.cast(ex["index"], tf.int32), "valid": valid}
+        if "mask" in ex:
+            out["mask"] = augment.resize_shorter_and_center_crop(ex["mask"][..., None], resize_size, crop_size,
+                                                                 method="nearest")[..., 0]
+        return out
+
+    ds = tf.data.Dataset.from_tensor_slices(padded).map(load, num_parallel_calls=num_parallel_calls,
+                                                         deterministic=True)
+    ds = ds.batch(local_batch).prefetch(2).with_options(_options(num_parallel_calls))
+    for local in ds.as_numpy_iterator():
+        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
