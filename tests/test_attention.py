@@ -111,3 +111,34 @@ def test_visualize_attention_cli(tmp_path):
     assert img.shape[:2] == (32, 48)  # 40x56 cropped to multiples of 16
     result = json.loads((out / "jaccard.json").read_text())
     assert len(result["per_head"]) == 3 and 0 <= result["mean_map_jaccard"] <= 1
+
+
+def test_visualize_attention_cli_on_a_reference_pth_matches_torch(tmp_path):
+    """A reference-layout backbone .pth through the whole CLI gives the torch reference's attention maps."""
+    pytest.importorskip("dino_jax.convert")
+    import torch
+
+    import torch_reference as ref
+    from dino_jax import visualize_attention
+
+    torch.manual_seed(0)
+    net = ref.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2).eval()
+    torch.save(net.state_dict(), tmp_path / "tiny_pretrain.pth")
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out"
+    visualize_attention.main(["--pretrained_weights", str(tmp_path / "tiny_pretrain.pth"), "--arch", "vit_small",
+                              "--patch_size", "8", "--image_path", str(tmp_path / "in.png"), "--image_size", "32",
+                              "48", "--threshold", "0.5", "--output_dir", str(out)])
+    assert {f"attn-head{j}.png" for j in range(2)} | {"mask_th0.5_head1.png"} <= set(os.listdir(out))
+    image = visualize_attention.load_image(str(tmp_path / "in.png"), (32, 48))
+    normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
+    with torch.no_grad():
+        want = net.get_last_selfattention(torch.from_numpy(normed.transpose(2, 0, 1)[None].copy()))
+    want = want[0, :, 0, 1:].reshape(2, 4, 6).numpy()
+    from dino_jax import eval_knn
+
+    model, params, info = eval_knn.load_backbone(str(tmp_path / "tiny_pretrain.pth"), "teacher", "vit_small", 8)
+    assert (model.embed_dim, model.depth, model.num_heads) == (128, 2, 2)
+    np.testing.assert_allclose(attention.attention_maps(model, params, normed), want, rtol=1e-4, atol=1e-6)
