@@ -153,8 +153,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                    max_to_keep=config.max_checkpoints, keep_period=config.keep_every_epochs * spe)
     meta = {"config": config.to_dict(), "steps_per_epoch": spe, "summary": {}}
     if ckpt.latest_step() is not None:
+        # Check the architecture first: restoring another architecture's arrays fails with an opaque shape error.
+        _check_resumable(ckpt.restore_meta(), config, spe, ckpt.directory)
         state, meta = ckpt.restore(state, sharding.replicated(mesh))
-        _check_resumable(meta, config, spe, ckpt.directory)
         logging.info("resumed from %s at step %d (epoch %d)", ckpt.directory, int(state.step), int(state.step) // spe)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
