@@ -14,6 +14,7 @@ def get_config():
     c.arch, c.embed_dim, c.depth, c.num_heads, c.patch_size = "vit_custom", 192, 4, 3, 8
     c.drop_path_rate = 0.0
     c.global_crop_size, c.local_crop_size, c.local_crops_number = 32, 16, 4
+    c.blur_sigma = (0.1, 0.5)
     c.out_dim, c.norm_last_layer, c.head_hidden_dim, c.head_bottleneck_dim = 1024, False, 1024, 256
     c.momentum_teacher, c.teacher_temp, c.warmup_teacher_temp = 0.99, 0.04, 0.04
     c.batch_size, c.epochs, c.warmup_epochs, c.lr = 64, 12, 1, 2e-3

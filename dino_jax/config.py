@@ -60,6 +60,7 @@ def base_config():
     c.global_crops_scale = (0.4, 1.0)
     c.local_crops_scale = (0.05, 0.4)
     c.local_crops_number = 8
+    c.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range, in pixels of the crop
     c.grayscale_input = False  # demo only: convert every image to grey before augmenting
 
     # Evaluation during training (k-NN on a labelled split and attention maps).

@@ -174,7 +174,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         source, global_batch=config.batch_size, sharding=sharding.batch_sharding(mesh), seed=config.seed,
         start_step=start_step, global_crop_size=config.global_crop_size, local_crop_size=config.local_crop_size,
         global_crops_scale=tuple(config.global_crops_scale), local_crops_scale=tuple(config.local_crops_scale),
-        local_crops_number=config.local_crops_number)
+        local_crops_number=config.local_crops_number, blur_sigma=tuple(config.blur_sigma))
 
     stop_signal = {"received": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.update(received=signum))

@@ -211,7 +211,7 @@ def normalize(images):
 # ---------------------------------------------------------------- DataAugmentationDINO
 
 
-def sample_view_params(seed, n: int, p_blur=0.0, p_solarize=0.0) -> dict:
+def sample_view_params(seed, n: int, p_blur=0.0, p_solarize=0.0, blur_sigma=BLUR_SIGMA) -> dict:
     """Every random decision of n crops after the crop itself: flip (p 0.5), jitter (p 0.8) with its factors and
     order, grey (p 0.2), blur (p_blur) with its sigma, solarize (p_solarize). p_*: a float or one per crop."""
     s = split(seed, 3)
@@ -219,16 +219,16 @@ def sample_view_params(seed, n: int, p_blur=0.0, p_solarize=0.0) -> dict:
     factors, order = sample_jitter(s[1], n)
     return {"flip": u[:, 0] < 0.5, "jitter": u[:, 1] < 0.8, "factors": factors, "order": order,
             "grey": u[:, 2] < 0.2, "blur": u[:, 3] < np.broadcast_to(np.float32(p_blur), [n]),
-            "sigma": uniform(s[2], BLUR_SIGMA[0], BLUR_SIGMA[1], [n]),
+            "sigma": uniform(s[2], blur_sigma[0], blur_sigma[1], [n]),
             "solarize": u[:, 4] < np.broadcast_to(np.float32(p_solarize), [n])}
 
 
-def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0):
+def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0, blur_sigma=BLUR_SIGMA):
     """n crops of one float image, each: RandomResizedCrop -> flip -> ColorJitter -> grey -> blur -> solarize ->
     normalise (the reference's order), as (n, size, size, 3)."""
     s = split(seed, 2)
     crops = random_resized_crops(image, s[0], n, size, scale)
-    v = sample_view_params(s[1], n, p_blur, p_solarize)
+    v = sample_view_params(s[1], n, p_blur, p_solarize, blur_sigma)
     out = []
     for i in range(n):
         x = flip(crops[i], v["flip"][i])
@@ -242,18 +242,21 @@ def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0):
 
 
 def multicrop(image_uint8, seed, *, global_size: int = 224, local_size: int = 96, global_scale=(0.4, 1.0),
-              local_scale=(0.05, 0.4), n_local: int = 8):
+              local_scale=(0.05, 0.4), n_local: int = 8, blur_sigma=BLUR_SIGMA):
     """DataAugmentationDINO: (globals (2, G, G, 3), locals (n_local, l, l, 3)), float32, ImageNet-normalised.
 
     Global 1 always blurred; global 2 blurred with p 0.1 and solarised with p 0.2; each local blurred with p 0.5.
+    blur_sigma: the range of the blur's sigma in pixels of the crop (the reference's (0.1, 2.0); tiny crops such as
+    the demo's 32 px need a proportionally smaller range, or the blur erases what the crop shows).
     """
     image = to_float(image_uint8)
     s = split(seed, 2)
     globals_ = views(image, s[0], n=2, size=global_size, scale=global_scale, p_blur=(1.0, 0.1),
-                     p_solarize=(0.0, 0.2))
+                     p_solarize=(0.0, 0.2), blur_sigma=blur_sigma)
     if n_local == 0:
         return globals_, tf.zeros([0, local_size, local_size, 3])
-    return globals_, views(image, s[1], n=n_local, size=local_size, scale=local_scale, p_blur=0.5)
+    return globals_, views(image, s[1], n=n_local, size=local_size, scale=local_scale, p_blur=0.5,
+                           blur_sigma=blur_sigma)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -89,7 +89,7 @@ class TrainIterator:
 
 def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, start_step: int = 0,
                    global_crop_size: int = 224, local_crop_size: int = 96, global_crops_scale=(0.4, 1.0),
-                   local_crops_scale=(0.05, 0.4), local_crops_number: int = 8,
+                   local_crops_scale=(0.05, 0.4), local_crops_number: int = 8, blur_sigma=augment.BLUR_SIGMA,
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
                    num_parallel_calls=tf.data.AUTOTUNE, prefetch: int = 2) -> TrainIterator:
     """Endless multi-crop batches for DINO training, starting at global step `start_step` (epoch start_step // spe).
@@ -105,7 +105,8 @@ def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, st
         crop_seed = augment.fold_in(augment.fold_in(base_seed, epoch), ex["index"])
         globals_, locals_ = augment.multicrop(
             ex["image"], crop_seed, global_size=global_crop_size, local_size=local_crop_size,
-            global_scale=global_crops_scale, local_scale=local_crops_scale, n_local=local_crops_number)
+            global_scale=global_crops_scale, local_scale=local_crops_scale, n_local=local_crops_number,
+            blur_sigma=blur_sigma)
         return {"global": globals_, "local": locals_, "label": ex["label"]}
 
     ds = train_indices(source.num_examples, global_batch=global_batch, seed=seed, process_index=process_index,

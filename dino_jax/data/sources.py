@@ -233,9 +233,12 @@ def folder_source(path: str, num_threads: int = 16) -> Source:
 
 # Ten classes, each a (shape, texture) pair; every texture is shared by two shapes, so neither the texture nor a
 # rough outline alone gives the class (the colour shortcut is removed by `grayscale`).
-DEMO_CLASSES = (("crescent", "shaded"), ("star", "shaded"), ("square", "stripes"), ("ring", "stripes"),
-                ("triangle", "dots"), ("ellipse", "dots"), ("cross", "checker"), ("diamond", "checker"),
-                ("hexagon", "rings"), ("arrow", "rings"))
+# Ten classes, each a distinct (shape, fill texture) pair: both the outline and the texture identify the class,
+# and both survive DINO's crops (a local crop of the object still shows its texture). Position, size, rotation,
+# texture phase and orientation, tones and the cluttered background are nuisances, so raw pixels stay near chance.
+DEMO_CLASSES = (("crescent", "shaded"), ("star", "stripes"), ("square", "dots"), ("ring", "checker"),
+                ("triangle", "rings"), ("ellipse", "grid"), ("cross", "waves"), ("diamond", "thick_stripes"),
+                ("hexagon", "zigzag"), ("arrow", "speckle"))
 
 
 def _shape_mask(shape: str, u, v):
@@ -284,6 +287,17 @@ def _texture(texture: str, x, y, cx, cy, period, angle, phase, radius):
         return ((np.floor(a) + np.floor(b)) % 2 == 0).astype(np.float32)
     if texture == "rings":
         return (np.mod(np.hypot(x - cx, y - cy) / period + phase, 1.0) < 0.5).astype(np.float32)
+    if texture == "grid":
+        return ((np.mod(a, 1.0) < 0.3) | (np.mod(b, 1.0) < 0.3)).astype(np.float32)
+    if texture == "waves":
+        return (np.mod(a + 0.35 * np.sin(2 * np.pi * b / 1.5), 1.0) < 0.5).astype(np.float32)
+    if texture == "thick_stripes":
+        return (np.mod(a / 2.2, 1.0) < 0.5).astype(np.float32)
+    if texture == "zigzag":
+        return (np.mod(a + 2 * np.abs(np.mod(b, 1.0) - 0.5), 1.0) < 0.5).astype(np.float32)
+    if texture == "speckle":  # a fixed pseudo-random binary pattern on a 1.5-pixel lattice
+        cell = np.floor(a * period / 1.5) * 12.9898 + np.floor(b * period / 1.5) * 78.233
+        return (np.mod(np.sin(cell) * 43758.5453, 1.0) < 0.5).astype(np.float32)
     raise ValueError(texture)
 
 
