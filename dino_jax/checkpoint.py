@@ -52,10 +52,19 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore_raw(self, step: int | None = None) -> tuple[Any, dict]:
-        """The state as plain nested dicts of numpy arrays (no target needed), and the meta."""
+        """The state as plain nested dicts of numpy arrays (no target needed), and the meta.
+
+        Whatever the devices that wrote it: without a target orbax would rebuild the writer's sharding and fail
+        ("Topology mismatch") on a machine with another device count, so the target is the saved shapes on one
+        local device.
+        """
         step = self.latest_step() if step is None else step
+        saved = ocp.StandardCheckpointHandler().metadata(self.manager.directory / str(step) / "state")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                              if hasattr(m, "shape") and hasattr(m, "dtype") else m, getattr(saved, "tree", saved))
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return jax.tree.map(np.asarray, restored.state), restored.meta
 
     def wait(self):
