@@ -258,10 +258,11 @@ def _drain(pending, config, writer, ckpt, last_saved) -> dict:
             if not config.skip_nonfinite_steps:
                 ckpt.wait()
                 raise TrainingStopped(
-                    f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+                    f"non-finite loss or gradient at step {step + 1} (loss={m['loss']}, "
+                    f"grad_norm={m['grad_norm']}); "
                     f"the update was not applied and training stopped; {where}. Lower the lr, raise "
                     "warmup_epochs or set --config.skip_nonfinite_steps=True to skip isolated bad steps.")
-            logging.warning("step %d: non-finite loss or gradient, update skipped (skip_nonfinite_steps)", step)
+            logging.warning("step %d: non-finite loss or gradient, update skipped (skip_nonfinite_steps)", step + 1)
             m["skipped_nonfinite"] = 1.0
         writer.write(step + 1, m)
         last = m
