@@ -5,6 +5,7 @@ other hosts itself; elsewhere pass --coordinator_address=HOST:PORT --num_process
 """
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,5 +43,22 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def parse_flags(argv):
+    """absl's parser, but a mistyped --config.KEY override ends in one line naming it instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # how ml_collections reports a key the config does not have
+        cause = e.args[0] if e.args else e
+        detail = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
+        key = detail.split("\n")[0].strip("'\"")
+        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and
+                     key in a.split("=")[0][len("--config."):].split(".")), None)
+        if flag is None:
+            raise
+        hint = " ".join(detail.split("\n")[1:])
+        sys.exit(f"FATAL Flags parsing error: {flag}: the config has no key {key!r}. {hint} Every key and its "
+                 "default is in dino_jax/config.py (and the recipe passed as --config).".replace("  ", " "))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
