@@ -116,10 +116,13 @@ def test_two_training_steps_match_torch(optimizer, norm_last_layer):
         lambda patch_size, **kw: R.VisionTransformer(patch_size=patch_size, **kw), c.patch_size, c.out_dim, 0.0,
         norm_last_layer=norm_last_layer, backbone_kwargs=backbone_kwargs,
         head_kwargs=dict(hidden_dim=c.head_hidden_dim, bottleneck_dim=c.head_bottleneck_dim))
-    if not norm_last_layer:
-        with torch.no_grad():
+    with torch.no_grad():  # move every tensor off its special init (zero biases, unit scales, g = 1)
+        for name, p in student.named_parameters():
+            if "weight_g" not in name:
+                p.add_(0.02 * torch.randn_like(p))
+        if not norm_last_layer:
             student.head.last_layer.weight_g.uniform_(0.5, 1.5)
-            teacher.load_state_dict(student.state_dict())
+        teacher.load_state_dict(student.state_dict())
     ncrops = 2 + c.local_crops_number
     loss_ref = R.DINOLoss(c.out_dim, ncrops, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs,
                           c.epochs)
