@@ -1,0 +1,64 @@
+"""benchmarks/train_step.py runs the real step on a tiny config, prints its table and a sane FLOP count."""
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = '''
+from dino_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.arch, c.embed_dim, c.depth, c.num_heads, c.patch_size = "vit_custom", 64, 1, 2, 8
+    c.global_crop_size, c.local_crop_size, c.local_crops_number = 32, 16, 2
+    c.out_dim, c.head_hidden_dim, c.head_bottleneck_dim = 256, 64, 32
+    c.batch_size = 4
+    return c.lock()
+'''
+
+
+def test_harness_prints_table_and_flops(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text(TINY)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), f"--config={cfg}", "--steps", "2",
+           "--repeats", "1", "--warmup", "1", "--peak_tflops", "0.1", "--set", "head_nlayers=2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    print(text)
+    for row in ("compile", "step (median)", "images/s", "peak memory", "FLOPs/step analytic", "FLOPs/step XLA",
+                "MFU", "host callbacks in step"):
+        assert f"| {row}" in text, row
+    ratio = float(re.search(r"flops_ratio_analytic_over_xla=([\d.]+)", text).group(1))
+    assert 0.7 <= ratio <= 1.3, ratio
+    assert re.search(r"\| host callbacks in step\s*\| 0 \|", text)
+    assert float(re.search(r"images_per_second=([\d.]+)", text).group(1)) > 0
+
+
+def test_harness_does_not_import_tensorflow():
+    script = os.path.join(REPO, "benchmarks", "train_step.py")
+    code = ("import sys, importlib.util\n"
+            f"spec = importlib.util.spec_from_file_location('ts', {script!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "import jax, dino_jax.dino, dino_jax.sharding\n"
+            "assert 'tensorflow' not in sys.modules and 'dino_jax.data' not in sys.modules, 'imports tensorflow'\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+def test_analytic_flops_match_hand_count():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_step
+
+    # ViT-S/16 at 224: 197 tokens; per block 24*N*D^2 + 4*N^2*D; patch embed 2*196*768*384.
+    n, d = 197, 384
+    want = 2 * 196 * 768 * d + 12 * (24 * n * d * d + 4 * n * n * d)
+    assert train_step.vit_forward_flops(224, 16, d, 12, 4 * d) == want
+    assert abs(want / 1e9 - 9.2) < 0.1  # the usual "4.6 GMACs" of ViT-S/16
+    assert train_step.head_forward_flops(384, 65536, 3, 2048, 256) == 2 * (
+        384 * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 65536)
