@@ -208,8 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if warning:
                     logging.warning("step %d: %s", done, warning)
             eval_due = epoch_end and config.eval_every_epochs and (done // spe) % config.eval_every_epochs == 0
-            if eval_due or done == total_steps:
-                _drain(pending, config, writer, ckpt, last_saved)
+            if eval_due or done == total_steps:  # both are log steps, so the metrics are already drained
                 results = evaluator(state.teacher_params, f"epoch{done // spe:04d}")
                 if results:
                     logging.info("evaluation at epoch %d: %s", done // spe, _fmt(results))
