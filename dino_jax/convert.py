@@ -638,6 +638,7 @@ def load_pretrained(path: str, checkpoint_key: str = "teacher") -> tuple[dict, d
         info["num_heads"] = ARCHS[info["arch"]]["num_heads"] if info["arch"] in ARCHS else config.get("num_heads")
         if config.get("pos_embed_interp"):
             info["pos_embed_interp"] = config["pos_embed_interp"]
+        info["training_config"] = config  # lets the evaluation CLIs repeat the run's own protocol (data, grey input)
         return params, info
     obj = load_torch_file(path)
     params = torch_to_flax(obj, checkpoint_key=checkpoint_key)

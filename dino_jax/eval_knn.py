@@ -2,11 +2,13 @@
 
     python -m dino_jax.eval_knn --pretrained_weights WORKDIR_OR_PTH --data_path /path/to/imagenet
     python -m dino_jax.eval_knn --pretrained_weights runs/demo --dataset demo --nb_knn 10 20 --output knn.json
+    python -m dino_jax.eval_knn --pretrained_weights runs/demo   # the run's own periodic k-NN protocol
 
 Differences from the reference: --dataset takes a dino_jax spec (tfds:NAME, folder:PATH with train/ and val/, or
 demo, whose train/val splits are used); num_classes comes from the data instead of being 1000; any number of test
 images works; without --pretrained_weights the network is randomly initialised (the reference would download the
-released weights, which needs a network). This module also holds the plumbing the other evaluation CLIs share.
+released weights, which needs a network); on a dino_jax workdir with no data flag, the run's own k-NN protocol
+(bank, queries, sizes, grey input) is repeated, so the result equals what the trainer logged. This module also holds the plumbing the other evaluation CLIs share.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def add_model_flags(parser: argparse.ArgumentParser, patch_size: int = 16):
 
 def add_data_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--data_path", default=None, type=str,
-                        help="folder with train/ and val/ ImageFolders (class = subfolder), as in the reference")
+                        help="folder with train/ and val/ ImageFolders (class = subfolder), as in the reference; "
+                             "default for a dino_jax workdir: its training run's evaluation data")
     parser.add_argument("--dataset", default=None, type=str,
                         help="instead of --data_path: a dataset spec, tfds:NAME (train + --val_split), "
                              "folder:PATH (PATH/train, PATH/val) or demo (its train and val splits)")
@@ -82,13 +85,43 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher", arch
     return model, params, info
 
 
-def open_train_val(args, image_size: int | None = None):
-    """(train source, val source, resize_size, crop_size) from --data_path / --dataset."""
+def training_protocol(info) -> dict | None:
+    """The k-NN data of the training run that wrote the checkpoint (its periodic evaluation), when it had one."""
+    config = info.get("training_config") or {}
+    if not (config.get("eval_train_dataset") and config.get("eval_dataset")):
+        return None
+    return config
+
+
+def open_train_val(args, image_size: int | None = None, info: dict | None = None):
+    """(train source, val source, resize_size, crop_size) from --data_path / --dataset.
+
+    With neither, a dino_jax checkpoint's own periodic-evaluation protocol is repeated (the same bank, queries,
+    sizes and grey input), so the number matches what the trainer logged. A checkpoint trained on grey input
+    (`grayscale_input`) is always evaluated on grey images.
+    """
     from dino_jax.data import sources
 
-    if bool(args.data_path) == bool(args.dataset):
-        sys.exit("give exactly one of --data_path (a folder with train/ and val/) or --dataset (a spec: "
-                 "tfds:NAME, folder:PATH or demo)")
+    config = (info or {}).get("training_config") or {}
+    grey = bool(config.get("grayscale_input"))
+    if grey:
+        print("note: the checkpoint was trained on grey input (grayscale_input); evaluating on grey images",
+              flush=True)
+    if not args.data_path and not args.dataset:
+        protocol = training_protocol(info or {})
+        if protocol is None:
+            sys.exit("give --data_path (a folder with train/ and val/) or --dataset (a spec: tfds:NAME, folder:PATH "
+                     "or demo); only a dino_jax workdir whose run had eval_train_dataset/eval_dataset needs neither")
+        size, data_dir = protocol.get("global_crop_size"), args.data_dir or protocol.get("data_dir")
+        train = sources.load_source(protocol["eval_train_dataset"], data_dir=data_dir, image_size=size,
+                                    grayscale=grey, max_examples=protocol.get("eval_max_train_examples") or None)
+        val = sources.load_source(protocol["eval_dataset"], data_dir=data_dir, image_size=size, grayscale=grey)
+        print(f"no --data_path/--dataset: repeating the training run's k-NN protocol (bank "
+              f"{protocol['eval_train_dataset']}, queries {protocol['eval_dataset']})", flush=True)
+        return (train, val, args.resize_size or protocol["eval_resize_size"],
+                args.crop_size or protocol["eval_crop_size"])
+    if args.data_path and args.dataset:
+        sys.exit("give only one of --data_path (a folder with train/ and val/) or --dataset (a spec)")
     spec = args.dataset or f"folder:{args.data_path.rstrip('/')}"
     kind, _, rest = spec.partition(":")
     demo = kind == "demo"
@@ -97,16 +130,16 @@ def open_train_val(args, image_size: int | None = None):
             if not os.path.isdir(os.path.join(rest, sub)):
                 sys.exit(f"{os.path.join(rest, sub)} is not a folder; --data_path/--dataset folder:PATH must hold "
                          "train/ and val/ ImageFolders (train/<class>/<image>, val/<class>/<image>)")
-        train = sources.load_source(f"folder:{os.path.join(rest, 'train')}")
-        val = sources.load_source(f"folder:{os.path.join(rest, 'val')}")
+        train = sources.load_source(f"folder:{os.path.join(rest, 'train')}", grayscale=grey)
+        val = sources.load_source(f"folder:{os.path.join(rest, 'val')}", grayscale=grey)
     elif kind == "tfds":
         name = rest.partition(":")[0]
-        train = sources.load_source(f"tfds:{name}", "train", data_dir=args.data_dir)
-        val = sources.load_source(f"tfds:{name}", args.val_split, data_dir=args.data_dir)
+        train = sources.load_source(f"tfds:{name}", "train", data_dir=args.data_dir, grayscale=grey)
+        val = sources.load_source(f"tfds:{name}", args.val_split, data_dir=args.data_dir, grayscale=grey)
     elif demo:
         size = image_size or 32
-        train = sources.load_source(spec, "train", image_size=size)
-        val = sources.load_source(spec, "val", image_size=size)
+        train = sources.load_source(spec, "train", image_size=size, grayscale=grey)
+        val = sources.load_source(spec, "val", image_size=size, grayscale=grey)
     else:
         sys.exit(f"--dataset {spec!r}: unknown kind {kind!r}; use tfds:NAME, folder:PATH or demo")
     native = image_size or 32
@@ -196,7 +229,7 @@ def main(argv=None):
         num_classes = int(max(train_l.max(), test_l.max())) + 1
     else:
         model, params, info = load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
-        train, val, resize, crop = open_train_val(args, demo_image_size(info))
+        train, val, resize, crop = open_train_val(args, demo_image_size(info), info)
         num_classes = max(train.num_classes, val.num_classes)
         gb = global_batch_size(args.batch_size_per_gpu)
         print(f"data: {train.num_examples} train and {val.num_examples} val images, {num_classes} classes; "

@@ -69,7 +69,7 @@ def main(argv=None):
                  "only defined for one block)")
     model, params, info = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                args.patch_size)
-    train, val, resize, crop = common.open_train_val(args, common.demo_image_size(info))
+    train, val, resize, crop = common.open_train_val(args, common.demo_image_size(info), info)
     num_labels = args.num_labels or max(train.num_classes, val.num_classes)
     gb = common.global_batch_size(args.batch_size_per_gpu)
     mesh = sharding.make_mesh()

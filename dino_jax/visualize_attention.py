@@ -21,9 +21,9 @@ import numpy as np
 from dino_jax import eval_knn as common
 
 
-def load_image(path: str | None, image_size) -> np.ndarray:
+def load_image(path: str | None, image_size, grey: bool = False) -> np.ndarray:
     """RGB float32 (H, W, 3) in [0, 1], resized to image_size = (H, W) with PIL bilinear (the reference's
-    transforms.Resize on a PIL image)."""
+    transforms.Resize on a PIL image); `grey` turns it into 3-channel luminance (for grey-trained models)."""
     from PIL import Image
 
     if path:
@@ -35,6 +35,8 @@ def load_image(path: str | None, image_size) -> np.ndarray:
 
         print("no --image_path given: using the bundled scikit-image photo skimage.data.chelsea()", flush=True)
         img = Image.fromarray(skimage.data.chelsea())
+    if grey:
+        img = img.convert("L").convert("RGB")
     h, w = image_size
     return np.asarray(img.resize((w, h), Image.BILINEAR), np.float32) / 255.0
 
@@ -75,7 +77,11 @@ def main(argv=None):
     model, params, info = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                args.patch_size)
     patch = model.patch_size
-    image = load_image(args.image_path, args.image_size)
+    grey = bool((info.get("training_config") or {}).get("grayscale_input"))
+    if grey:
+        print("note: the checkpoint was trained on grey input (grayscale_input); the image is shown to it in grey",
+              flush=True)
+    image = load_image(args.image_path, args.image_size, grey)
     normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
     normed = attention.crop_to_patch_multiple(normed, patch)
     attn = attention.attention_maps(model, params, normed, patch)  # (heads, h, w)
