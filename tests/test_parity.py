@@ -156,3 +156,23 @@ def test_two_training_steps_match_torch(optimizer, norm_last_layer):
         assert max(errs.values()) <= 1e-5, errs
         moved = not np.array_equal(np.asarray(state.params["head"]["last_layer"]["weight_v"]), prototypes0)
         assert moved == (it >= c.freeze_last_layer * spe)  # frozen during epoch 0 only
+
+
+def _plain_gelu(x):
+    return 0.5 * x * jax.lax.erfc(-x / np.sqrt(2.0).astype(x.dtype))
+
+
+def test_gelu_and_its_custom_gradient():
+    """The erf-form GELU with its hand-written backward equals jax.grad of the textbook formula and torch's."""
+    from dino_jax.models.vit import gelu
+
+    x = jnp.asarray(np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).normal(size=1000)]),
+                    jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
+    got_y, vjp = jax.vjp(gelu, x)
+    want_y, want_vjp = jax.vjp(_plain_gelu, x)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vjp(cot)[0], want_vjp(cot)[0], rtol=1e-5, atol=1e-6)
+    xt = torch.from_numpy(np.array(x)).requires_grad_()
+    torch.nn.functional.gelu(xt).backward(torch.from_numpy(np.asarray(cot)))
+    np.testing.assert_allclose(vjp(cot)[0], xt.grad.numpy(), rtol=1e-5, atol=1e-6)

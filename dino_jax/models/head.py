@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dino_jax.models.vit import dense_init, torch_default_uniform
+from dino_jax.models.vit import dense_init, gelu, torch_default_uniform
 
 
 class BatchStatNorm(nn.Module):
@@ -50,7 +50,7 @@ class DINOHead(nn.Module):
             if j < nlayers - 1:
                 if self.use_bn:
                     x = BatchStatNorm(name=f"bn_{j}")(x)
-                x = nn.gelu(x, approximate=False)
+                x = gelu(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return WeightNormPrototypes(self.out_dim, self.norm_last_layer, name="last_layer")(x)
