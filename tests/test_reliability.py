@@ -353,11 +353,12 @@ def test_corrupt_and_tiny_images_are_handled_and_training_finishes(tmp_path, jax
     assert int(state["step"]) == TOTAL_STEPS
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, reported: a JPEG whose header reads but whose data is corrupt "
-                                      "passes the folder scan and then stops training with TF's 'jpeg::Uncompress "
-                                      "failed', naming no file (dino_jax/data/sources.py, decode_file)")
-def test_jpeg_with_corrupt_data_is_skipped(tmp_path):
+def test_jpeg_with_corrupt_data_is_skipped(tmp_path, caplog):
+    """A JPEG whose header reads but whose data is corrupt passes the folder scan and fails only when decoded
+    (TF's "jpeg::Uncompress failed", naming no file): it must be replaced, with one warning naming it, and the
+    batches must stay the same for the same seed."""
     import io
+    import logging
 
     import jax
     from PIL import Image
@@ -369,15 +370,28 @@ def test_jpeg_with_corrupt_data_is_skipped(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(images[0]).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
-    for k in range(len(data) // 4, len(data) - 2):  # keep the header, scramble the entropy-coded data
+    sos = data.index(b"\xff\xda")  # start of scan: keep every header segment, scramble the entropy-coded data
+    for k in range(sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big"), len(data) - 2):
         data[k] = (data[k] * 7 + 13) % 256
     (tmp_path / "data" / "c0" / "scrambled.jpg").write_bytes(bytes(data))
-    source = sources.load_source(f"folder:{tmp_path / 'data'}")
     mesh = sharding.make_mesh(jax.devices()[:1])
-    batches = pipeline.train_iterator(source, global_batch=1, sharding=sharding.batch_sharding(mesh), seed=0,
-                                      global_crop_size=32, local_crop_size=16, local_crops_number=1)
-    for _ in range(source.num_examples):  # one epoch at batch 1: every file is read
-        next(batches)
+
+    def epoch():
+        source = sources.load_source(f"folder:{tmp_path / 'data'}")
+        batches = pipeline.train_iterator(source, global_batch=1, sharding=sharding.batch_sharding(mesh), seed=0,
+                                          global_crop_size=32, local_crop_size=16, local_crops_number=1,
+                                          num_parallel_calls=1)
+        return source, [np.asarray(next(batches)["global"]) for _ in range(source.num_examples)]  # every file once
+
+    with caplog.at_level(logging.WARNING):
+        source, first = epoch()
+    assert [os.path.basename(f) for f in source.skipped] == ["garbage.jpg"]  # the scrambled file passes the scan
+    warnings = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(warnings) == 1 and "scrambled.jpg" in warnings[0], warnings
+    assert [os.path.basename(f) for f in source.decode_failures] == ["scrambled.jpg"]
+    assert all(np.isfinite(b).all() for b in first)
+    _, again = epoch()
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
 @pytest.mark.slow
