@@ -164,17 +164,21 @@ def make_train_step(config, steps_per_epoch: int):
             return loss, (entropy, batch_entropy)
 
         (loss, (entropy, batch_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        teacher_params = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * s, state.teacher_params, params)
-        new_state = state.replace(step=step + 1, params=params, teacher_params=teacher_params, opt_state=opt_state,
-                                  center=update_center(state.center, teacher_output, center_momentum))
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(state):
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            teacher_params = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * s, state.teacher_params,
+                                          params)
+            return state.replace(params=params, teacher_params=teacher_params, opt_state=opt_state,
+                                 center=update_center(state.center, teacher_output, center_momentum))
+
         # A non-finite step never reaches the state: the old state is kept (the step number still advances)
-        # and `finite` tells the loop, which stops or, if configured, skips and continues.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        new_state = new_state.replace(step=step + 1)
+        # and `finite` tells the loop, which stops or, if configured, skips and continues. A cond, not a
+        # select over the whole state, which cost an extra pass over every array of it per step.
+        new_state = jax.lax.cond(finite, update, lambda state: state, state).replace(step=step + 1)
         metrics = {
             "loss": loss, "lr": at("lr", step), "wd": at("wd", step), "momentum": momentum,
             "teacher_temp": teacher_temp, "teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
