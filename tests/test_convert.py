@@ -291,6 +291,7 @@ def test_cli_round_trips(reference_run, tmp_path):
     p2, info2 = convert.load_pretrained(str(tmp_path / "run2"))
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
     assert info2.pop("pos_embed_interp") == "offset"  # recorded in a dino_jax config, unknown for a .pth
+    assert info2.pop("training_config")["embed_dim"] == D  # the run's config, for the evaluation CLIs
     assert info1 == info2 == dict(arch="vit_custom", patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=1,
                                   img_size=IMG)
     p3, _ = convert.load_pretrained(str(tmp_path / "run"), checkpoint_key="student")
