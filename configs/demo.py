@@ -2,9 +2,9 @@
 
 STATUS (2026-12-01): this recipe learns, but slowly: the teacher's 20-NN goes from 14.6-14.7% at random init to
 18.9% after these 11 epochs (1,716 steps, 16 min 42 s on 2 cores) and 19.2% after 12; the project's target is +20
-points in 20 minutes, which it does not reach. The same ViT trained WITH labels (AdamW, 5 epochs) is still at
-14-17% on this data, so at this compute the ViT itself, not DINO's objective, is the limit. See the README's
-"CPU demo" section.
+points in 20 minutes, which it does not reach. The same ViT trained WITH labels reaches 51.6% in 5 epochs
+(benchmarks/demo_supervised_probe.py), so what is slow is DINO's start: its teacher output stays nearly the same
+for every image for hundreds of steps. See the README's "CPU demo" section.
 
 Values that differ from the reference recipe (configs/vits16.py), and why:
 - data: `demo` (10 classes, each one (shape, texture) pair; 32 px; 10k train / 1k val), grayscale_input=True:
