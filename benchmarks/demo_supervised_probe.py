@@ -9,7 +9,6 @@ by epoch. If a ViT cannot learn the classes with labels in N epochs, DINO cannot
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -22,15 +21,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train_step import load_config  # noqa: E402  (benchmarks/: the same PATH[:variant] config loading)
+
 from dino_jax import dino  # noqa: E402
 from dino_jax.data import sources  # noqa: E402
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("probe_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from dino_jax.evaluation.attention import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -55,8 +50,7 @@ def main():
                                             grayscale=config.grayscale_input)
     val_x, val_y, _ = sources.make_demo(sources.DEMO_SIZES["val"], size, seed=sources.DEMO_SEEDS["val"],
                                         grayscale=config.grayscale_input)
-    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-    train_x, val_x = ((x.astype(np.float32) / 255.0 - mean) / std for x in (train_x, val_x))
+    train_x, val_x = ((x.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for x in (train_x, val_x))
 
     model = Classifier(dino.build_model(config).backbone, len(sources.DEMO_CLASSES))
     params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), train_x[:2])

@@ -8,7 +8,8 @@ Differences from the reference: --dataset takes a dino_jax spec (tfds:NAME, fold
 demo, whose train/val splits are used); num_classes comes from the data instead of being 1000; any number of test
 images works; without --pretrained_weights the network is randomly initialised (the reference would download the
 released weights, which needs a network); on a dino_jax workdir with no data flag, the run's own k-NN protocol
-(bank, queries, sizes, grey input) is repeated, so the result equals what the trainer logged. This module also holds the plumbing the other evaluation CLIs share.
+(bank, queries, sizes, grey input) is repeated, so the result equals what the trainer logged. This module also
+holds the plumbing the other evaluation CLIs share.
 """
 from __future__ import annotations
 
@@ -85,12 +86,13 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher", arch
     return model, params, info
 
 
-def training_protocol(info) -> dict | None:
-    """The k-NN data of the training run that wrote the checkpoint (its periodic evaluation), when it had one."""
-    config = info.get("training_config") or {}
-    if not (config.get("eval_train_dataset") and config.get("eval_dataset")):
-        return None
-    return config
+def trained_on_grey(info) -> bool:
+    """Whether the run that wrote the checkpoint saw grey images only (`grayscale_input`); says so when it did."""
+    grey = bool((info.get("training_config") or {}).get("grayscale_input"))
+    if grey:
+        print("note: the checkpoint was trained on grey input (grayscale_input); evaluating on grey images",
+              flush=True)
+    return grey
 
 
 def open_train_val(args, image_size: int | None = None, info: dict | None = None):
@@ -102,14 +104,11 @@ def open_train_val(args, image_size: int | None = None, info: dict | None = None
     """
     from dino_jax.data import sources
 
-    config = (info or {}).get("training_config") or {}
-    grey = bool(config.get("grayscale_input"))
-    if grey:
-        print("note: the checkpoint was trained on grey input (grayscale_input); evaluating on grey images",
-              flush=True)
+    info = info or {}
+    grey = trained_on_grey(info)
     if not args.data_path and not args.dataset:
-        protocol = training_protocol(info or {})
-        if protocol is None:
+        protocol = info.get("training_config") or {}
+        if not (protocol.get("eval_train_dataset") and protocol.get("eval_dataset")):
             sys.exit("give --data_path (a folder with train/ and val/) or --dataset (a spec: tfds:NAME, folder:PATH "
                      "or demo); only a dino_jax workdir whose run had eval_train_dataset/eval_dataset needs neither")
         size, data_dir = protocol.get("global_crop_size"), args.data_dir or protocol.get("data_dir")

@@ -77,11 +77,7 @@ def main(argv=None):
     model, params, info = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                args.patch_size)
     patch = model.patch_size
-    grey = bool((info.get("training_config") or {}).get("grayscale_input"))
-    if grey:
-        print("note: the checkpoint was trained on grey input (grayscale_input); the image is shown to it in grey",
-              flush=True)
-    image = load_image(args.image_path, args.image_size, grey)
+    image = load_image(args.image_path, args.image_size, common.trained_on_grey(info))
     normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
     normed = attention.crop_to_patch_multiple(normed, patch)
     attn = attention.attention_maps(model, params, normed, patch)  # (heads, h, w)
