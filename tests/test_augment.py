@@ -105,6 +105,14 @@ def test_resize_matches_pil_bicubic_with_antialiasing():
     assert np.abs(np.clip(plain, 0, 1) - pil).mean() > 1.0 / 255  # without antialiasing it would not match
 
 
+def test_resize_of_uint8_equals_resize_of_float():
+    """multicrop resizes crops of the uint8 image (no full-image float conversion): the same numbers."""
+    for size in (24, 100):
+        a = A.resize(tf.constant(U8), (size, size)).numpy()
+        b = A.resize(tf.constant(X), (size, size)).numpy()
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
 def test_small_images_are_upsampled():
     tiny = np.full((5, 3, 3), 200, np.uint8)
     g, l = A.multicrop(tiny, SEED, global_size=32, local_size=16, n_local=2)
@@ -147,6 +155,16 @@ def test_hue_matches_torchvision_pil():
         want = np.asarray(Image.merge("HSV", (h, s, v)).convert("RGB")) / 255.0
         got = A.adjust_hue(tf.constant(X), factor).numpy()
         assert np.abs(got - want).mean() < 2.0 / 255
+
+
+def test_hue_keeps_each_pixels_max_and_min():
+    """Why adjust_hue needs no clamp: the shift keeps every pixel's largest and smallest channel exactly."""
+    x = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    x[:8] = 1.0
+    for delta in (0.1, -0.07, 0.5):
+        y = A.adjust_hue(tf.constant(x), delta).numpy()
+        np.testing.assert_array_equal(y.max(-1), x.max(-1))
+        np.testing.assert_array_equal(y.min(-1), x.min(-1))
 
 
 def test_grayscale_matches_pil():
@@ -196,6 +214,15 @@ def test_blur_is_close_to_pil_gaussian_blur():
         assert np.abs(got - want).mean() < 2.0 / 255
 
 
+def test_blur_with_flip_is_the_blur_of_the_mirror():
+    """views() folds the horizontal flip into the blur's padding gather."""
+    x = tf.constant(X)
+    for do in (True, False):
+        got = A.gaussian_blur([x], tf.constant([1.3]), flip=tf.constant(do)).numpy()[0]
+        want = A.gaussian_blur([A.flip(x, do)], tf.constant([1.3])).numpy()[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_blur_apply_false_is_exact_identity():
     out = A.gaussian_blur([tf.constant(X)] * 2, tf.constant([1.0, 1.0]), tf.constant([False, True])).numpy()
     assert np.array_equal(out[0], X) and not np.allclose(out[1], X)
@@ -240,6 +267,26 @@ def test_views_apply_their_decisions():
     always_blur = A.views(image, SEED, n=4, size=24, scale=(0.3, 1.0), p_blur=1.0, p_solarize=0.0).numpy()
     assert all(np.abs(always_solar[i] - never[i]).max() > 0.1 for i in range(4))
     assert all(np.abs(always_blur[i] - never[i]).max() > 0.05 for i in range(4))
+
+
+def test_views_equal_the_reference_order_of_ops():
+    """views() mirrors after the colour ops (folded into the blur where there is one): the same images as
+    crop -> flip -> jitter -> grey -> blur -> solarize -> normalise, op by op, with the same decisions."""
+    n, size, p_blur, p_sol = 6, 24, (1.0, 0.5, 0.5, 0.5, 0.0, 0.5), (0.0, 0.0, 0.5, 0.5, 0.5, 1.0)
+    got = A.views(tf.constant(U8), SEED, n=n, size=size, scale=(0.1, 0.6), p_blur=p_blur, p_solarize=p_sol).numpy()
+    s = A.split(SEED, 2)
+    crops = A.random_resized_crops(tf.constant(X), s[0], n, size, (0.1, 0.6))
+    v = A.sample_view_params(s[1], n, p_blur, p_sol)
+    seen = set()
+    for i in range(n):
+        x = A.flip(crops[i], v["flip"][i])
+        x = A.color_jitter(x, v["factors"][i], v["order"][i]) if v["jitter"][i] else x
+        x = A.to_grayscale(x) if v["grey"][i] else x
+        x = A.gaussian_blur([x], v["sigma"][i:i + 1])[0] if v["blur"][i] and p_blur[i] > 0 else x
+        x = A.solarize(x) if v["solarize"][i] and p_sol[i] > 0 else x
+        np.testing.assert_allclose(got[i], A.normalize(x[None]).numpy()[0], rtol=0, atol=2e-5)
+        seen.add((bool(v["flip"][i]), bool(v["blur"][i] and p_blur[i] > 0)))
+    assert len(seen) >= 3  # mirrored and not, blurred and not
 
 
 def test_eval_transform_matches_torchvision_resize_and_centre_crop():

@@ -82,66 +82,112 @@ def sample_crop_windows(seed, height, width, n: int, scale, ratio=RATIO, attempt
     return top, left, h, w
 
 
+def _scale_and_translate(images, size):
+    """The kernel tf.image.resize(method="bicubic", antialias=True) runs, called directly on a (1, h, w, c) batch of
+    any dtype (uint8 included: the weights and sums are float32 either way). Skipping the wrapper saves its shape
+    checks (a few small ops, ~10 us each inside tf.data)."""
+    scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(images)[1:3], tf.float32)
+    return tf.raw_ops.ScaleAndTranslate(images=images, size=size, scale=scale, translation=tf.zeros([2]),
+                                        kernel_type="keyscubic", antialias=True)
+
+
 def resize(image, size):
     """Bicubic with antialiasing, clipped to [0, 1]. This is PIL's BICUBIC (Keys a=-0.5, kernel stretched by the
-    downscale factor) to within 0.3/255 on average; PIL also rounds to uint8 between its two passes."""
-    return tf.clip_by_value(tf.image.resize(image, size, method="bicubic", antialias=True), 0.0, 1.0)
+    downscale factor) to within 0.3/255 on average; PIL also rounds to uint8 between its two passes.
+
+    A uint8 image is resized as it is and scaled by 1/255 after (the same numbers as resizing to_float(image), up to
+    float rounding), so the full-size image is never converted to float."""
+    size = tf.convert_to_tensor(size, tf.int32)
+    x = _scale_and_translate(image[None], size)[0]
+    if image.dtype == tf.uint8:
+        x = x * (1.0 / 255.0)
+    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
-    """n RandomResizedCrops of one (H, W, 3) image: a list of (size, size, 3). Small images are upsampled."""
+    """n RandomResizedCrops of one (H, W, 3) image (float in [0, 1], or uint8): a list of (size, size, 3) float
+    images in [0, 1]. Small images are upsampled. The n windows are sliced with one unstacked set of bounds (a
+    slice op per crop instead of four index ops)."""
     shape = tf.shape(image)
     top, left, h, w = sample_crop_windows(seed, shape[0], shape[1], n, scale, ratio)
-    return [resize(image[top[i]:top[i] + h[i], left[i]:left[i] + w[i]], (size, size)) for i in range(n)]
+    zeros = tf.zeros([n], tf.int32)
+    begin = tf.unstack(tf.stack([zeros, top, left, zeros], axis=1))
+    end = tf.unstack(tf.stack([zeros + 1, top + h, left + w, zeros + shape[2]], axis=1))
+    batch = image[None]
+    size_t = tf.constant([size, size], tf.int32)
+    out = []
+    for i in range(n):
+        x = _scale_and_translate(tf.strided_slice(batch, begin[i], end[i]), size_t)[0]
+        if image.dtype == tf.uint8:
+            x = x * (1.0 / 255.0)
+        out.append(tf.clip_by_value(x, 0.0, 1.0))
+    return out
 
 
 # ---------------------------------------------------------------- photometric ops
-# One (H, W, 3) image and scalar parameters each. Speed notes (TF on CPU): ops between a tensor and a scalar or a
-# same-shape tensor are fast; broadcasting over the channel axis, a reduction over it, and tf.where on images are
-# several times slower, so the ops below avoid them.
+# One (H, W, 3) image and scalar parameters each. Speed notes (TF on CPU, one thread inside tf.data): every op costs
+# ~10 us before it touches a pixel, so the ops below are written with few ops; ops between a tensor and a scalar or a
+# same-shape tensor are fast; a strided slice of one channel, broadcasting over the channel axis, a reduction over
+# it, tf.pad(mode="REFLECT") and tf.where on images are several times slower, so the ops below avoid them. A colour
+# transform that mixes channels (grey, saturation) is a (pixels, 3) @ (3, 3) matmul: one pass instead of nine.
 
 
 def flip(image, do=True):
-    """Mirror left-right where `do`; a gather with computed indices costs less than a tf.cond around tf.reverse."""
+    """Mirror left-right where `do`; a gather with computed indices costs less than a tf.cond around tf.reverse.
+    (views() does not call this: random_resized_crops mirrors the window while slicing it, for free.)"""
     width = tf.shape(image)[-2]
     columns = tf.range(width)
     return tf.gather(image, tf.where(do, width - 1 - columns, columns), axis=-2)
 
 
+def _colour_matmul(image, matrix):
+    """image (H, W, 3) @ matrix (3, 3): output channel c = sum_k image[..., k] * matrix[k, c]."""
+    return tf.reshape(tf.matmul(tf.reshape(image, [-1, 3]), matrix), tf.shape(image))
+
+
+_GREY_MATRIX = np.tile(np.float32(GREY_WEIGHTS)[:, None], (1, 3))  # every column: the luma weights
+
+
 def grey(image):
-    """ITU-R 601 luma, (H, W, 1)."""
-    w = GREY_WEIGHTS
-    return image[..., 0:1] * w[0] + image[..., 1:2] * w[1] + image[..., 2:3] * w[2]
+    """ITU-R 601 luma, (..., 1)."""
+    return tf.tensordot(image, tf.constant(np.float32(GREY_WEIGHTS)[:, None]), 1)
 
 
 def to_grayscale(image):
-    """3-channel grey, as RandomGrayscale(num_output_channels=3)."""
-    g = grey(image)
-    return tf.concat([g, g, g], axis=-1)
+    """3-channel grey, as RandomGrayscale(num_output_channels=3): one matmul with the luma weights in every column
+    (the three channels come out bit-identical)."""
+    return _colour_matmul(image, tf.constant(_GREY_MATRIX))
 
 
-def _blend(image, other, factor):
-    return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+def _clip(image):
+    return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def adjust_brightness(image, factor):
     """Multiplicative, as torchvision (not tf.image's additive brightness)."""
-    return tf.clip_by_value(image * factor, 0.0, 1.0)
+    return _clip(image * factor)
 
 
 def adjust_contrast(image, factor):
-    """Blend with the image's mean grey level, as torchvision."""
-    return _blend(image, tf.reduce_mean(grey(image)), factor)
+    """Blend with the image's mean grey level, as torchvision. The mean grey is the luma of the per-channel means
+    (the same number: luma is linear), which reads the image once instead of building a grey image."""
+    mean_grey = tf.reduce_sum(tf.reduce_mean(image, axis=[0, 1]) * tf.constant(np.float32(GREY_WEIGHTS)))
+    return _clip(image * factor + (1.0 - factor) * mean_grey)
 
 
 def adjust_saturation(image, factor):
-    """Blend with the grey image, as torchvision."""
-    return _blend(image, to_grayscale(image), factor)
+    """Blend with the grey image, as torchvision: factor * image + (1 - factor) * grey(image), written as one colour
+    matmul with factor * I + (1 - factor) * (luma weights in every column)."""
+    factor = tf.cast(factor, tf.float32)
+    matrix = factor * tf.eye(3) + (1.0 - factor) * tf.constant(_GREY_MATRIX)
+    return _clip(_colour_matmul(image, matrix))
 
 
 def adjust_hue(image, delta):
-    """Shift the HSV hue by delta (a fraction of the circle), as torchvision's adjust_hue."""
-    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+    """Shift the HSV hue by delta (a fraction of the circle), as torchvision's adjust_hue. (The raw AdjustHue op:
+    tf.image.adjust_hue adds dtype conversions around it.) No clamp after it: a hue shift keeps every pixel's
+    largest and smallest channel (V and V - chroma) bit-exactly, so its output stays inside [0, 1]."""
+    return tf.raw_ops.AdjustHue(images=image, delta=tf.cast(delta, tf.float32))
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -161,6 +207,7 @@ def sample_jitter(seed, n: int = 1, brightness=0.4, contrast=0.4, saturation=0.2
 def color_jitter(image, factors, order):
     """torchvision ColorJitter: op order[k] (an index into JITTER_OPS) runs k-th with parameter factors[op];
     values are clamped to [0, 1] after each op."""
+    factors, order = tf.unstack(factors, 4), tf.unstack(order, 4)  # one op each instead of four slices
     for position in range(4):
         image = tf.switch_case(order[position], [lambda op=op, j=j, x=image: op(x, factors[j])
                                                  for j, op in enumerate(JITTER_OPS)])
@@ -174,24 +221,46 @@ def gaussian_kernels(sigma, radius: int):
     return k / tf.reduce_sum(k, axis=1, keepdims=True)
 
 
-def gaussian_blur(images, sigma, apply=None, radius: int = BLUR_RADIUS):
+def _reflect_indices(length: int, r: int):
+    """Indices that pad an axis of `length` by r on both sides with reflection (as tf.pad(mode="REFLECT"))."""
+    return np.concatenate([np.arange(r, 0, -1), np.arange(length), np.arange(length - 2, length - 2 - r, -1)])
+
+
+def _blur_radius(height, width, radius: int = BLUR_RADIUS):
+    return min(radius, height - 1, width - 1)  # reflect padding needs r < side
+
+
+def blur_kernels(sigma, r: int, apply=None):
+    """(2r + 1, n*3) depthwise kernels for n images: channel c of image i is channel 3i + c."""
+    k = gaussian_kernels(sigma, r)
+    if apply is not None:  # a unit impulse leaves an image exactly unchanged
+        k = tf.where(apply[:, None], k, tf.one_hot(r, 2 * r + 1))
+    return tf.transpose(tf.repeat(k, 3, axis=0))
+
+
+def gaussian_blur(images, sigma, apply=None, radius: int = BLUR_RADIUS, flip=None, kernel=None):
     """Separable Gaussian blur of n images with per-image sigma (n,) and reflect padding (so a uniform image stays
     uniform at its borders); images where `apply` is False are left exactly as they are.
 
     images: a list of n (H, W, 3) images; returns (n, H, W, 3). They are stacked into one (1, H, W, n*3) tensor so a
-    single depthwise convolution blurs them all, each with its own kernel.
+    single depthwise convolution blurs them all, each with its own kernel. The reflect padding is a gather with
+    precomputed indices per axis, before that axis's pass (tf.pad's REFLECT mode is ~4x slower).
+    flip: optional scalar bool (n == 1 only): also mirror the image left-right, for free, by reversing the indices
+    of the horizontal padding gather (the blur is symmetric, so blur and mirror commute).
+    kernel: optional (K, n*3) kernels as built below (views() builds those of all its crops in one go).
     """
     n, height, width = len(images), images[0].shape[0], images[0].shape[1]
-    r = min(radius, height - 1, width - 1)  # reflect padding needs r < side
-    k = gaussian_kernels(sigma, r)
-    if apply is not None:  # a unit impulse leaves an image exactly unchanged
-        k = tf.where(apply[:, None], k, tf.one_hot(r, 2 * r + 1))
-    k = tf.transpose(tf.repeat(k, 3, axis=0))  # (K, n*3): channel c of image i is channel 3i + c below
-    x = tf.reshape(tf.stack(images, axis=2), [1, height, width, n * 3])
-    x = tf.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], mode="REFLECT")
+    r = _blur_radius(height, width, radius)
+    k = blur_kernels(sigma, r, apply) if kernel is None else kernel
+    x = images[0][None] if n == 1 else tf.reshape(tf.stack(images, axis=2), [1, height, width, n * 3])
+    x = tf.gather(x, _reflect_indices(height, r), axis=1)
     x = tf.nn.depthwise_conv2d(x, k[:, None, :, None], [1, 1, 1, 1], "VALID")
+    columns = _reflect_indices(width, r)
+    if flip is not None:
+        columns = tf.where(flip, columns[::-1].copy(), columns)
+    x = tf.gather(x, columns, axis=2)
     x = tf.nn.depthwise_conv2d(x, k[None, :, :, None], [1, 1, 1, 1], "VALID")
-    return tf.transpose(tf.reshape(x, [height, width, n, 3]), [2, 0, 1, 3])
+    return x if n == 1 else tf.transpose(tf.reshape(x, [height, width, n, 3]), [2, 0, 1, 3])
 
 
 def solarize(image, threshold: float = 128.0 / 255.0):
@@ -224,21 +293,39 @@ def sample_view_params(seed, n: int, p_blur=0.0, p_solarize=0.0, blur_sigma=BLUR
 
 
 def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0, blur_sigma=BLUR_SIGMA):
-    """n crops of one float image, each: RandomResizedCrop -> flip -> ColorJitter -> grey -> blur -> solarize ->
-    normalise (the reference's order), as (n, size, size, 3)."""
+    """n crops of one image (float in [0, 1], or uint8), each: RandomResizedCrop -> flip -> ColorJitter -> grey ->
+    blur -> solarize -> normalise (the reference's order), as (n, size, size, 3).
+
+    Per crop, only what its decisions ask for runs: jitter, grey, blur and solarize each sit in a tf.cond, so a crop
+    that is not blurred costs nothing in the blur (a crop with p_blur 1 is blurred without a cond). The mirror is
+    applied after the colour ops (they are per pixel, or use the image mean: they commute with it): in a blurred
+    crop it is folded into the blur's padding gather, otherwise it is a gather under a tf.cond.
+    """
     s = split(seed, 2)
     crops = random_resized_crops(image, s[0], n, size, scale)
     v = sample_view_params(s[1], n, p_blur, p_solarize, blur_sigma)
+    flip_, jitter, grey_, blur, sol = (tf.unstack(v[k], n) for k in ("flip", "jitter", "grey", "blur", "solarize"))
+    factors, order, sigma = tf.unstack(v["factors"], n), tf.unstack(v["order"], n), v["sigma"]
+    p_blur, p_solarize = np.broadcast_to(np.float32(p_blur), [n]), np.broadcast_to(np.float32(p_solarize), [n])
+    if np.max(p_blur) > 0:  # every crop's kernel in one go, not ~10 small ops per blurred crop
+        kernels = tf.split(blur_kernels(sigma, _blur_radius(size, size)), n, axis=1)
     out = []
     for i in range(n):
-        x = flip(crops[i], v["flip"][i])
-        x = tf.cond(v["jitter"][i], lambda i=i, x=x: color_jitter(x, v["factors"][i], v["order"][i]), lambda x=x: x)
-        out.append(tf.cond(v["grey"][i], lambda x=x: to_grayscale(x), lambda x=x: x))
-    x = gaussian_blur(out, v["sigma"], apply=v["blur"]) if np.max(p_blur) > 0 else tf.stack(out)
-    if np.max(p_solarize) > 0:
-        x = tf.stack([tf.cond(v["solarize"][i], lambda x=x[i]: solarize(x), lambda x=x[i]: x)
-                      if np.broadcast_to(p_solarize, [n])[i] > 0 else x[i] for i in range(n)])
-    return normalize(x)
+        x = crops[i]
+        x = tf.cond(jitter[i], lambda i=i, x=x: color_jitter(x, factors[i], order[i]), lambda x=x: x)
+        x = tf.cond(grey_[i], lambda x=x: to_grayscale(x), lambda x=x: x)
+        blurred = lambda i=i, x=x: gaussian_blur([x], None, flip=flip_[i], kernel=kernels[i])[0]  # noqa: E731
+        mirrored = lambda i=i, x=x: tf.cond(flip_[i], lambda: tf.reverse(x, [1]), lambda: x)  # noqa: E731
+        if p_blur[i] >= 1:
+            x = blurred()
+        elif p_blur[i] > 0:
+            x = tf.cond(blur[i], blurred, mirrored)
+        else:
+            x = mirrored()
+        if p_solarize[i] > 0:
+            x = tf.cond(sol[i], lambda x=x: solarize(x), lambda x=x: x)
+        out.append(x)
+    return normalize(tf.stack(out))
 
 
 def multicrop(image_uint8, seed, *, global_size: int = 224, local_size: int = 96, global_scale=(0.4, 1.0),
@@ -248,8 +335,9 @@ def multicrop(image_uint8, seed, *, global_size: int = 224, local_size: int = 96
     Global 1 always blurred; global 2 blurred with p 0.1 and solarised with p 0.2; each local blurred with p 0.5.
     blur_sigma: the range of the blur's sigma in pixels of the crop (the reference's (0.1, 2.0); tiny crops such as
     the demo's 32 px need a proportionally smaller range, or the blur erases what the crop shows).
+    The crops are cut from the uint8 image and resized from it (to_float of the whole image would be a full pass).
     """
-    image = to_float(image_uint8)
+    image = tf.convert_to_tensor(image_uint8)
     s = split(seed, 2)
     globals_ = views(image, s[0], n=2, size=global_size, scale=global_scale, p_blur=(1.0, 0.1),
                      p_solarize=(0.0, 0.2), blur_sigma=blur_sigma)
