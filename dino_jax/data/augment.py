@@ -10,8 +10,12 @@ grayscale, Gaussian blur with sigma in [0.1, 2] (reflect padding, so borders are
 The differences that remain are float arithmetic instead of uint8 rounding between ops, and a true Gaussian kernel
 where PIL approximates one with box blurs (tests/test_augment.py compares each op with PIL).
 
-Speed: the crops of one image share one blur op and one normalisation op, and the per-image ops avoid tf.where and
-channel-axis broadcasts (slow on CPU). The antialiased resize is about half of the cost and is kept for fidelity.
+Speed (one TF thread inside tf.data, where every op costs ~10 us before it touches a pixel): crops are resized from
+the uint8 image; colour ops that mix channels are one small matmul; jitter, grey, blur and solarize run only on the
+crops whose decision asks for them (a tf.cond each); the mirror is folded into the blur's padding gather; the ops
+avoid tf.where, channel slices and channel-axis broadcasts (slow on CPU). The antialiased resize (TF's
+ScaleAndTranslate) is now about half of the cost and is kept for fidelity (benchmarks/README.md has the numbers and
+what did not help).
 """
 from __future__ import annotations
 
