@@ -369,8 +369,11 @@ def make_demo(num_examples: int, image_size: int = 32, *, seed: int = 0, graysca
     Each image shows one object of class (shape, texture) at a random position (up to 30% of its radius may leave
     the frame), radius (`size_range`, a fraction of the image side: large, so local crops see parts of it),
     aspect and tone, upright within +-20 degrees or mirrored, its texture at the class's own orientation (+-15
-    degrees, mirrored with the object), on a background of a gradient, blobs and noise. The object always
-    contrasts with the background under it. The nuisances are the ones DINO's augmentations teach invariance to
+    degrees, mirrored with the object), on a background of a gradient, blobs and noise. The object's two tones
+    lie 0.25-0.4 above and below the background under it, so it stands out by its pattern and outline but not by
+    its mean brightness: a random-init ViT's features are ~80% mean brightness (first principal component), and
+    with one bright-or-dark object tone on a 0.2-0.8 background DINO's first epochs split images by brightness,
+    not by class. The nuisances are the ones DINO's augmentations teach invariance to
     (crops: position and size; flips: the mirror image; colour jitter: tones): rotation and texture orientation,
     which no augmentation undoes, were what DINO clustered by when they were random, and background stripes and
     lines were textures that competed with the object's. Colour is a nuisance that DINO learns instead of shape
@@ -406,7 +409,7 @@ def make_demo(num_examples: int, image_size: int = 32, *, seed: int = 0, graysca
         labels[start:start + n] = lab
 
         # Background luminance: base tone + gradient + blobs + noise.
-        base = r.uniform(0.2, 0.8, n)
+        base = r.uniform(0.4, 0.6, n)
         grad_angle, grad_amp = r.uniform(0, 2 * np.pi, n), r.uniform(0, 0.25, n)
         bg = col(base) + col(grad_amp) * ((x * col(np.cos(grad_angle)) + y * col(np.sin(grad_angle)))
                                           / image_size - 0.5)
@@ -441,11 +444,11 @@ def make_demo(num_examples: int, image_size: int = 32, *, seed: int = 0, graysca
                             col(t_angle[sel]), col(phase[sel]), col(rad[sel]))
             alpha[sel], alpha1[sel] = down(inside), down(inside * fill)
 
-        # Tones: the main tone is 0.3-0.5 away from the mean background under the object; the texture's second
-        # tone lies 60% of the way back towards the background.
+        # Tones: symmetric about the mean background under the object, so the object's mean brightness is the
+        # background's.
         under = (bg * alpha).sum(axis=(1, 2)) / np.maximum(alpha.sum(axis=(1, 2)), 1e-6)
-        tone1 = np.clip(under + np.where(under < 0.5, 1.0, -1.0) * r.uniform(0.3, 0.5, n), 0, 1)
-        tone2 = tone1 + 0.6 * (under - tone1)
+        swing = np.where(r.random(n) < 0.5, 1.0, -1.0) * r.uniform(0.25, 0.4, n)
+        tone1, tone2 = np.clip(under + swing, 0, 1), np.clip(under - swing, 0, 1)
         bg_rgb = bg[..., None] + (_colours(r, n, np.full(n, 0.5, np.float32), grayscale) - 0.5)[:, None, None]
         c1, c2 = _colours(r, n, tone1, grayscale), _colours(r, n, tone2, grayscale)
         img = (alpha1[..., None] * c1[:, None, None] + (alpha - alpha1)[..., None] * c2[:, None, None]
