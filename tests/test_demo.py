@@ -1,10 +1,11 @@
-"""The CPU demo end to end (issues #4, #5): a shortened `configs/demo.py` run trains without collapsing, and the
+"""The CPU demo end to end (issues #4, #5): a shortened `configs/demo.py` run learns a little without collapsing, and the
 evaluation CLIs on its checkpoint repeat what the trainer reported.
 
 One real `python -m dino_jax.main` run of the demo recipe cut to DEMO_EPOCHS epochs (the schedules follow the
-shorter run), then `eval_knn` and `visualize_attention` on its workdir. The measured full demo (README, "CPU
-demo") gains only ~1 k-NN point in its first 2 epochs (14.7 -> 15.8) and +4.2 after 11, so no k-NN gain is
-asserted here: what is asserted is what a broken run would lose (a collapsed teacher falls to chance, 10%).
+shorter run), then `eval_knn` and `visualize_attention` on its workdir. Measured (2026-12-01, 2 cores): this 2-epoch
+run goes from 19.5 to 21.7 k-NN and from 0.229 to 0.346 attention Jaccard; the full 11-epoch demo reaches 23.4 and
+0.309. The asserted margins (+1 k-NN point, +0.05 Jaccard) are what that curve supports; the project's +5-point
+CI target is NOT met by any recipe measured so far (README, "CPU demo"). A collapsed teacher falls to chance (10%).
 """
 import json
 import os
@@ -36,10 +37,11 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_short_demo_trains_without_collapse(demo_run):
+def test_a_short_demo_learns_without_collapse(demo_run):
     workdir, summary, log = demo_run
     assert summary["steps"] == DEMO_EPOCHS * 156 and summary["epochs"] == DEMO_EPOCHS
-    assert summary["knn_top1"] >= summary["knn_top1_random_init"] - 2.0, summary
+    assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 1.0, summary
+    assert summary["attention_jaccard"] >= summary["attention_jaccard_random_init"] + 0.05, summary
     assert "collapse" not in log, log[-3000:]
     with open(workdir / "metrics.jsonl") as f:
         rows = [r for r in map(json.loads, f) if "teacher_entropy" in r]
