@@ -381,7 +381,7 @@ def make_demo(num_examples: int, image_size: int = 32, *, seed: int = 0, graysca
     (no circle) and a shaded rather than flat fill, because those made raw-pixel neighbours informative.
     Deterministic in `seed`; 10k 32-px images take ~4 s on 2 cores.
 
-    Raw-pixel weighted k-NN (k=20, T=0.07, cosine; 1000 val queries, seed 12345), chance 10%: grey 32 px 22.8%
+    Raw-pixel weighted k-NN (k=20, T=0.07, cosine; 1000 val queries, seed 12345), chance 10%: grey 32 px 11.4%
     (2000-image bank). tests/test_sources.py keeps it below 25%.
     """
     # Whole chunks, each from its own generator, so image i is the same whatever num_examples (demo:train:2000 is
