@@ -14,8 +14,9 @@ Speed (one TF thread inside tf.data, where every op costs ~10 us before it touch
 the uint8 image; colour ops that mix channels are one small matmul; jitter, grey, blur and solarize run only on the
 crops whose decision asks for them (a tf.cond each); the mirror is folded into the blur's padding gather; the ops
 avoid tf.where, channel slices and channel-axis broadcasts (slow on CPU). The antialiased resize (TF's
-ScaleAndTranslate) is now about half of the cost and is kept for fidelity (benchmarks/README.md has the numbers and
-what did not help).
+ScaleAndTranslate, kept for fidelity) runs both of its passes as the kernel's vectorised vertical pass over
+one-pixel-wide row views (`_resize_rows`: bit-identical, about half the CPU); it is still about a third of the cost
+(benchmarks/README.md has the numbers and what did not help).
 """
 from __future__ import annotations
 
