@@ -24,8 +24,8 @@ Values that differ from the reference recipe (configs/vits16.py), and why:
   nearly the same for every image (batch-mean entropy only ~0.3 nats above the per-image one); at 0.02 it is
   sharper and more image-dependent (k-NN 16.9 vs 16.1 after 2 epochs; on the current data 20.0 vs 17.1).
 - lr 2e-3 per 256 (5e-4 at batch 64), momentum_teacher 0.98 (a 1,900-step run needs a teacher that moves),
-  drop_path 0, 11 epochs (115 img/s on 2 cores: 16 min 42 s in all on a quiet machine, measured 2026-12-01 before
-  the data's tone change, which does not change the compute).
+  drop_path 0, 11 epochs (100 img/s on 2 cores: 19 min 11 s for the whole command, measured 2026-12-01; 16 min 42 s
+  at 115 img/s in a quieter hour on the previous data).
 """
 from dino_jax.config import base_config
 
