@@ -119,7 +119,12 @@ def resize(image, size):
     scale = tf.cast(size, tf.float32) / tf.cast(shape[0:2], tf.float32)
     rows = tf.reshape(image, tf.stack([1, shape[0], 1, shape[1] * shape[2]]))
     x = _resize_rows(rows, shape[1], size[0], size[1], scale[0], scale[1], channels=image.shape[-1] or 3)
-    if image.dtype == tf.uint8:
+    return _resized_to_unit(x, image.dtype)
+
+
+def _resized_to_unit(x, input_dtype):
+    """A resize's float output in [0, 1]: uint8 input scaled by 1/255, then the bicubic overshoot clipped."""
+    if input_dtype == tf.uint8:
         x = x * (1.0 / 255.0)
     return tf.clip_by_value(x, 0.0, 1.0)
 
@@ -142,9 +147,7 @@ def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
     for i in range(n):
         x = _resize_rows(tf.strided_slice(rows, begin[i], end[i]), w[i], size, size, scale_h[i], scale_w[i],
                          channels)
-        if image.dtype == tf.uint8:
-            x = x * (1.0 / 255.0)
-        out.append(tf.clip_by_value(x, 0.0, 1.0))
+        out.append(_resized_to_unit(x, image.dtype))
     return out
 
 
@@ -157,11 +160,10 @@ def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
 
 
 def flip(image, do=True):
-    """Mirror left-right where `do`; a gather with computed indices costs less than a tf.cond around tf.reverse.
-    (views() does not call this: random_resized_crops mirrors the window while slicing it, for free.)"""
-    width = tf.shape(image)[-2]
-    columns = tf.range(width)
-    return tf.gather(image, tf.where(do, width - 1 - columns, columns), axis=-2)
+    """Mirror left-right where `do`: a tf.cond, so an image that is not mirrored costs nothing. (In a blurred crop
+    views() folds the mirror into the blur's padding gather instead.)"""
+    image = tf.convert_to_tensor(image)
+    return tf.cond(tf.convert_to_tensor(do), lambda: tf.reverse(image, [-2]), lambda: image)
 
 
 def _colour_matmul(image, matrix):
@@ -339,7 +341,7 @@ def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0, 
         x = tf.cond(jitter[i], lambda i=i, x=x: color_jitter(x, factors[i], order[i]), lambda x=x: x)
         x = tf.cond(grey_[i], lambda x=x: to_grayscale(x), lambda x=x: x)
         blurred = lambda i=i, x=x: gaussian_blur([x], None, flip=flip_[i], kernel=kernels[i])[0]  # noqa: E731
-        mirrored = lambda i=i, x=x: tf.cond(flip_[i], lambda: tf.reverse(x, [1]), lambda: x)  # noqa: E731
+        mirrored = lambda i=i, x=x: flip(x, flip_[i])  # noqa: E731
         if p_blur[i] >= 1:
             x = blurred()
         elif p_blur[i] > 0:
