@@ -43,6 +43,7 @@ def base_config():
     c.optimizer = "adamw"  # adamw | sgd | lars
     c.batch_size = 1024  # global; the reference's 64 per GPU on 16 GPUs
     c.epochs = 100
+    c.stop_after_epochs = 0  # >0: train only the first N epochs of the `epochs` schedule (rerun with 0 to finish)
     c.lr = 0.0005  # per 256 images (linear scaling rule on the global batch)
     c.min_lr = 1e-6
     c.warmup_epochs = 10

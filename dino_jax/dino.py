@@ -193,13 +193,19 @@ def collapse_warning(metrics, out_dim: int) -> str | None:
     """A message when the collapse monitors say the teacher output is collapsing, else None.
 
     Uniform collapse: every teacher output is nearly uniform (entropy near ln K). One-dimension collapse: all
-    images pick the same prototypes (the batch-mean teacher distribution has entropy near 0).
+    images pick the same prototypes (the batch-mean teacher distribution has entropy near 0). Same-output collapse:
+    the teacher is not uniform but gives every image the same distribution (the batch mean's entropy equals the
+    per-image entropy); the demo with momentum 0.98 sat there for most of its run (README, "CPU demo").
     """
     ln_k = float(np.log(out_dim))
-    if float(metrics["teacher_entropy"]) > 0.98 * ln_k:
-        return (f"teacher output is nearly uniform (entropy {float(metrics['teacher_entropy']):.3f} of ln K = "
-                f"{ln_k:.3f}): collapse. Try a lower teacher_temp, a higher momentum_teacher or a smaller out_dim.")
-    if float(metrics["teacher_batch_entropy"]) < 0.05 * ln_k:
-        return (f"all images map to the same prototypes (batch entropy {float(metrics['teacher_batch_entropy']):.3f}):"
-                " collapse to one dimension. Check centering (center_momentum) and the learning rate.")
+    entropy, batch_entropy = float(metrics["teacher_entropy"]), float(metrics["teacher_batch_entropy"])
+    if entropy > 0.98 * ln_k:
+        return (f"teacher output is nearly uniform (entropy {entropy:.3f} of ln K = {ln_k:.3f}): collapse. Try a "
+                "lower teacher_temp, a higher momentum_teacher or a smaller out_dim.")
+    if batch_entropy < 0.05 * ln_k:
+        return (f"all images map to the same prototypes (batch entropy {batch_entropy:.3f}): collapse to one "
+                "dimension. Check centering (center_momentum) and the learning rate.")
+    if entropy < 0.9 * ln_k and batch_entropy - entropy < 0.01 * ln_k:
+        return (f"every image gets the same teacher output (batch-mean entropy {batch_entropy:.3f}, per-image "
+                f"{entropy:.3f}): collapse. Try a higher momentum_teacher or a lower lr.")
     return None

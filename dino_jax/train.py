@@ -143,7 +143,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     source = sources.load_source(config.dataset, data_dir=config.data_dir, image_size=config.global_crop_size,
                                  grayscale=config.grayscale_input)
     spe = pipeline.steps_per_epoch(source.num_examples, config.batch_size)
-    total_steps = spe * config.epochs
+    total_steps = spe * config.epochs  # the schedules' length
+    end_step = min(total_steps, spe * config.stop_after_epochs) if config.stop_after_epochs > 0 else total_steps
+    if end_step < total_steps:
+        logging.info("stop_after_epochs=%d: training stops after step %d of the %d-step schedule",
+                     config.stop_after_epochs, end_step, total_steps)
     _log_setup(config, mesh, spe, source.num_examples)
 
     model = dino.build_model(config)
@@ -185,20 +189,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_seconds = float(summary.get("train_seconds", 0.0))
     step = start_step
     try:
-        for step in range(start_step, total_steps):
+        for step in range(start_step, end_step):
             batch = next(batches)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             done = step + 1
             epoch_end = done % spe == 0
-            if done % config.log_every_steps == 0 or epoch_end or done == total_steps or stop_signal["received"]:
+            if done % config.log_every_steps == 0 or epoch_end or done == end_step or stop_signal["received"]:
                 last = _drain(pending, config, writer, ckpt, last_saved)  # waits for the device: timing is true
                 now = time.time()
                 train_seconds += now - t_window
                 session_seconds += now - t_window
                 t_window = now
                 rate = (done - start_step) * config.batch_size / max(session_seconds, 1e-9)
-                eta = (total_steps - done) * config.batch_size / max(rate, 1e-9)
+                eta = (end_step - done) * config.batch_size / max(rate, 1e-9)
                 logging.info("epoch %d step %d/%d loss %.4f lr %.3g wd %.3g m %.5f T %.3f H %.3f KL %.3f "
                              "| %.1f img/s | ETA %s", done // spe, done, total_steps, last["loss"], last["lr"],
                              last["wd"], last["momentum"], last["teacher_temp"], last["teacher_entropy"],
@@ -208,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if warning:
                     logging.warning("step %d: %s", done, warning)
             eval_due = epoch_end and config.eval_every_epochs and (done // spe) % config.eval_every_epochs == 0
-            if eval_due or done == total_steps:  # both are log steps, so the metrics are already drained
+            if eval_due or done == end_step:  # both are log steps, so the metrics are already drained
                 results = evaluator(state.teacher_params, f"epoch{done // spe:04d}")
                 if results:
                     logging.info("evaluation at epoch %d: %s", done // spe, _fmt(results))
@@ -226,14 +230,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 ckpt.close()
                 writer.close()
                 raise SystemExit(0)
-        if ckpt.latest_step() != total_steps:
-            ckpt.save(total_steps, state, {**meta, "summary": summary, "epoch": config.epochs}, force=True)
+        if ckpt.latest_step() != end_step:
+            ckpt.save(end_step, state, {**meta, "summary": summary, "epoch": end_step // spe}, force=True)
         ckpt.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary.update({"epochs": config.epochs, "steps": total_steps, "wall_seconds": time.time() - t_start,
+    summary.update({"epochs": end_step // spe, "steps": end_step, "wall_seconds": time.time() - t_start,
                     "train_seconds": train_seconds,
-                    "images_per_second": (total_steps - start_step) * config.batch_size / max(session_seconds, 1e-9)})
+                    "images_per_second": (end_step - start_step) * config.batch_size / max(session_seconds, 1e-9)})
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

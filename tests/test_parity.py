@@ -176,3 +176,16 @@ def test_gelu_and_its_custom_gradient():
     xt = torch.from_numpy(np.array(x)).requires_grad_()
     torch.nn.functional.gelu(xt).backward(torch.from_numpy(np.asarray(cot)))
     np.testing.assert_allclose(vjp(cot)[0], xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_collapse_warning_on_the_demos_monitor_values():
+    """Teacher (entropy, batch-mean entropy) pairs logged by the demo runs of the README's table, K = 1024."""
+    def warn(entropy, batch_entropy):
+        return dino.collapse_warning({"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy}, 1024)
+
+    for healthy in [(6.57, 6.84), (3.65, 4.76), (0.10, 1.00), (5.50, 6.02)]:  # momentum 0.996; early steps; e22; e25
+        assert warn(*healthy) is None, healthy
+    assert "uniform" in warn(6.92, 6.92)
+    assert "same prototypes" in warn(0.05, 0.2)
+    for same_output in [(1.09, 1.10), (5.04, 5.04), (2.63, 2.63)]:  # e18 (momentum 0.98) from step ~240
+        assert "same teacher output" in warn(*same_output), same_output
