@@ -144,6 +144,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  grayscale=config.grayscale_input)
     spe = pipeline.steps_per_epoch(source.num_examples, config.batch_size)
     total_steps = spe * config.epochs  # the schedules' length
+    if config.stop_after_epochs < 0:
+        raise ValueError(f"--config.stop_after_epochs={config.stop_after_epochs}: use 0 (train the whole schedule) or "
+                         f"a number of epochs N >= 1 (train the first N of the {config.epochs})")
     end_step = min(total_steps, spe * config.stop_after_epochs) if config.stop_after_epochs > 0 else total_steps
     if end_step < total_steps:
         logging.info("stop_after_epochs=%d: training stops after step %d of the %d-step schedule",
@@ -159,6 +162,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if ckpt.latest_step() is not None:
         # Check the architecture first: restoring another architecture's arrays fails with an opaque shape error.
         _check_resumable(ckpt.restore_meta(), config, spe, ckpt.directory)
+        if ckpt.latest_step() > end_step:  # resuming would save that state again under the earlier step number
+            raise ValueError(f"{ckpt.directory} holds a checkpoint at step {ckpt.latest_step()}, past where this run "
+                             f"stops (step {end_step}: epochs={config.epochs}, stop_after_epochs="
+                             f"{config.stop_after_epochs}). Raise them, or use another --workdir.")
         state, meta = ckpt.restore(state, sharding.replicated(mesh))
         logging.info("resumed from %s at step %d (epoch %d)", ckpt.directory, int(state.step), int(state.step) // spe)
     if jax.process_index() == 0:

@@ -282,6 +282,25 @@ def test_mistyped_config_key_names_it():
     assert not os.path.exists("/nonexistent/x")
 
 
+def test_stop_after_epochs_then_finish_and_no_rewind(tmp_path, tiny):
+    """stop_after_epochs trains the first N epochs of the schedule; the same workdir without it finishes the run; a
+    stop before the latest checkpoint is refused (resuming would save that state under an earlier step), as is N < 0."""
+    from dino_jax import checkpoint, train
+
+    workdir = str(tmp_path / "run")
+    settings = dict(dataset="demo:train:64", batch_size=8, epochs=2, warmup_epochs=1, eval_every_epochs=0)
+    first = train.train_and_evaluate(tiny(stop_after_epochs=1, **settings), workdir)
+    assert (first["steps"], first["epochs"]) == (8, 1), first
+    assert int(checkpoint.load_params(workdir)[0]["step"]) == 8
+    rest = train.train_and_evaluate(tiny(**settings), workdir)
+    assert (rest["steps"], rest["epochs"]) == (16, 2), rest
+    assert int(checkpoint.load_params(workdir)[0]["step"]) == 16
+    with pytest.raises(ValueError, match="checkpoint at step 16, past where this run stops \\(step 8"):
+        train.train_and_evaluate(tiny(stop_after_epochs=1, **settings), workdir)
+    with pytest.raises(ValueError, match="stop_after_epochs=-1"):
+        train.train_and_evaluate(tiny(stop_after_epochs=-1, **settings), str(tmp_path / "other"))
+
+
 def test_unwritable_workdir_fails_before_any_work(tmp_path, tiny):
     from dino_jax import train
 

@@ -398,7 +398,7 @@ def make_demo(num_examples: int, image_size: int = 32, *, seed: int = 0, graysca
     images = np.empty((padded, image_size, image_size, 3), np.uint8)
     masks = np.empty((padded, image_size, image_size), np.uint8)
     labels = np.empty(padded, np.int32)
-    ss = 2  # supersampling of the object (its edge and texture); the smooth background needs none
+    ss = 2  # supersampling of the object (its edge and texture); the background (blurred noise) needs none
     fine = (np.arange(image_size * ss, dtype=np.float32) + 0.5) / ss
     fy, fx = (a[None] for a in np.meshgrid(fine, fine, indexing="ij"))
     taps = np.arange(image_size)[:, None] - np.arange(image_size)[None, :]
