@@ -2,8 +2,13 @@
 
 The batch is split along its first axis; the state (student, teacher, optimiser, center) is replicated.
 Means over the batch inside `jit` are global means, so the center update and the loss need no explicit psum.
+Host-local batches become global arrays in `GlobalBatches`, a few batches ahead of the step.
 """
 from __future__ import annotations
+
+import queue
+import threading
+import weakref
 
 import jax
 import numpy as np
@@ -38,3 +43,63 @@ def check_batch_divisible(global_batch: int, mesh: Mesh):
     if global_batch % mesh.size:
         raise ValueError(f"config.batch_size={global_batch} must be divisible by the number of devices "
                          f"({mesh.size}); pick a multiple of {mesh.size}")
+
+
+def _fill(host_batches, sharding, out: queue.Queue, stop: threading.Event):
+    """Prefetch thread: put global batches, then StopIteration or the exception that ended the input, on `out`;
+    returns as soon as `stop` is set."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for local in host_batches:
+            if not put({k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}):
+                return
+        put(StopIteration())
+    except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        put(e)
+
+
+class GlobalBatches:
+    """Global `jax.Array` batches from an iterator of host-local numpy dicts (this process's rows), built `prefetch`
+    batches ahead by a background thread, so the training loop does not wait for the host-to-device copy (as
+    big_vision's start_global). An error in the input is raised from next(); close() (or garbage collection) stops
+    the thread, and the batches it holds are dropped. prefetch=0 builds each batch inside next().
+    """
+
+    def __init__(self, host_batches, sharding: NamedSharding, prefetch: int = 2):
+        self._host, self._sharding = iter(host_batches), sharding
+        self._queue, self._stop, self._thread = None, threading.Event(), None
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=_fill, args=(self._host, sharding, self._queue, self._stop),
+                                            name="device-prefetch", daemon=True)
+            self._thread.start()
+            weakref.finalize(self, self._stop.set)  # the thread holds no reference to self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._stop.is_set():
+            raise RuntimeError("next() on closed GlobalBatches")
+        if self._queue is None:
+            return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in next(self._host).items()}
+        batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            self.close()
+            raise batch
+        return batch
+
+    def close(self):
+        """Stop the prefetch thread (it finishes the batch it is building)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None

@@ -242,6 +242,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        batches.close()
     summary.update({"epochs": end_step // spe, "steps": end_step, "wall_seconds": time.time() - t_start,
                     "train_seconds": train_seconds,
                     "images_per_second": (end_step - start_step) * config.batch_size / max(session_seconds, 1e-9)})

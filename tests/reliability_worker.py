@@ -83,6 +83,9 @@ def _instrument():
                     batch = {**batch, "global": batch["global"] * np.float32("nan")}
                 return batch
 
+            def close(self):
+                self.it.close()
+
         pipeline.train_iterator = lambda *a, **k: NaNBatches(train_iterator(*a, **k))
 
 

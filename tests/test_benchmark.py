@@ -51,6 +51,19 @@ def test_harness_does_not_import_tensorflow():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
 
 
+def test_device_prefetch_benchmark_runs_without_tensorflow():
+    script = os.path.join(REPO, "benchmarks", "device_prefetch.py")
+    code = ("import sys, runpy\n"
+            f"sys.argv = [{script!r}, '--batch', '2', '--n_local', '1', '--step_ms', '5', '--steps', '3']\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n"
+            "assert 'tensorflow' not in sys.modules, 'imports tensorflow'\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^\| ([02]) \| ([\d.]+) ms \| ([\d.]+) ms \|$", out.stdout, re.M)
+    assert [r[0] for r in rows] == ["0", "2"], out.stdout
+
+
 def test_analytic_flops_match_hand_count():
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import train_step

@@ -92,6 +92,23 @@ def test_crops_do_not_depend_on_thread_count_or_resume(demo, batch_sharding):
     assert not np.array_equal(serial[0], serial[1])
 
 
+def test_device_prefetch_yields_the_same_batches_and_bookkeeping(demo, batch_sharding):
+    def batches(device_prefetch):
+        it = pipeline.train_iterator(demo, global_batch=8, sharding=batch_sharding, seed=0, start_step=4,
+                                     device_prefetch=device_prefetch, **CROPS)
+        out = [(it.step, next(it)) for _ in range(4)]
+        steps = (it.step, it.epoch)
+        it.close()
+        return out, steps
+
+    (direct, direct_steps), (ahead, ahead_steps) = batches(0), batches(3)
+    assert direct_steps == ahead_steps == (8, 1)
+    for (s0, a), (s1, b) in zip(direct, ahead):
+        assert s0 == s1 and b["local"].sharding == batch_sharding
+        for key in ("global", "local", "label"):
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
 def test_same_example_gets_new_crops_each_epoch(demo):
     """Crop seeds fold in the epoch: example i in epoch 0 and epoch 1 is cropped differently."""
     from dino_jax.data import augment

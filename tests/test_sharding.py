@@ -48,3 +48,58 @@ def test_one_vs_eight_devices(tmp_path):
     err = max_relative_error(one["state"], eight["state"])
     print(f"max relative difference, 1 vs 8 devices after 3 steps: {err:.2e}")
     assert err <= 1e-5
+
+
+def _host_batches(n, fail_at=None):
+    """Host-local numpy batches {"x": [i] * devices}; raises at `fail_at`."""
+    import jax
+
+    for i in range(n):
+        if i == fail_at:
+            raise OSError(f"input broke at batch {i}")
+        yield {"x": np.full(jax.device_count(), i, np.float32)}
+
+
+def test_global_batches_prefetched_match_direct_and_keep_order():
+    from dino_jax import sharding
+
+    data = sharding.batch_sharding(sharding.make_mesh())
+    direct = [np.asarray(b["x"]) for b in sharding.GlobalBatches(_host_batches(5), data, prefetch=0)]
+    ahead = sharding.GlobalBatches(_host_batches(5), data, prefetch=3)
+    batches = list(ahead)  # ends with StopIteration after the last batch
+    assert [np.asarray(b["x"]).tolist() for b in batches] == [d.tolist() for d in direct]
+    assert len(batches) == 5 and all(b["x"].sharding == data for b in batches)
+
+
+def test_global_batches_raise_the_input_error_and_stop():
+    import pytest
+
+    from dino_jax import sharding
+
+    it = sharding.GlobalBatches(_host_batches(10, fail_at=2), sharding.batch_sharding(sharding.make_mesh()))
+    assert [float(np.asarray(next(it)["x"])[0]) for _ in range(2)] == [0.0, 1.0]
+    with pytest.raises(OSError, match="batch 2"):
+        next(it)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(it)
+
+
+def test_global_batches_thread_stops_on_close_and_on_garbage_collection():
+    import gc
+
+    from dino_jax import sharding
+
+    data = sharding.batch_sharding(sharding.make_mesh())
+    it = sharding.GlobalBatches(_host_batches(10 ** 9), data)
+    next(it)
+    thread = it._thread
+    assert thread.is_alive()
+    it.close()
+    assert not thread.is_alive()
+    it = sharding.GlobalBatches(_host_batches(10 ** 9), data)
+    next(it)
+    thread = it._thread
+    del it
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from dino_jax import sharding as sharding_lib
 from dino_jax.data import augment
 from dino_jax.data.sources import Source
 
@@ -63,15 +64,16 @@ def train_indices(num_examples: int, *, global_batch: int, seed: int, process_in
 
 
 class TrainIterator:
-    """Yields {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3), "label": (B,)} global arrays.
+    """Yields {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3), "label": (B,)} global arrays, built
+    `device_prefetch` batches ahead (sharding.GlobalBatches); close() stops that thread.
 
     `step` and `epoch` say where the next batch sits in the schedule (bookkeeping lives here, not in the batch,
-    because every leaf of the batch is sharded along the batch axis).
+    because every leaf of the batch is sharded along the batch axis). Batches prefetched but not consumed are lost
+    on close(), which loses nothing: a resumed run rebuilds the iterator at the checkpoint's step.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, sharding, start_step: int, spe: int):
-        self._it = iter(dataset.as_numpy_iterator())
-        self._sharding = sharding
+    def __init__(self, dataset: tf.data.Dataset, sharding, start_step: int, spe: int, device_prefetch: int = 2):
+        self._batches = sharding_lib.GlobalBatches(dataset.as_numpy_iterator(), sharding, device_prefetch)
         self.step, self.steps_per_epoch = start_step, spe
 
     @property
@@ -82,19 +84,24 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict:
-        local = next(self._it)
+        batch = next(self._batches)
         self.step += 1
-        return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local.items()}
+        return batch
+
+    def close(self):
+        self._batches.close()
 
 
 def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, start_step: int = 0,
                    global_crop_size: int = 224, local_crop_size: int = 96, global_crops_scale=(0.4, 1.0),
                    local_crops_scale=(0.05, 0.4), local_crops_number: int = 8, blur_sigma=augment.BLUR_SIGMA,
                    process_index: Optional[int] = None, process_count: Optional[int] = None,
-                   num_parallel_calls=tf.data.AUTOTUNE, prefetch: int = 2) -> TrainIterator:
+                   num_parallel_calls=tf.data.AUTOTUNE, prefetch: int = 2,
+                   device_prefetch: int = 2) -> TrainIterator:
     """Endless multi-crop batches for DINO training, starting at global step `start_step` (epoch start_step // spe).
 
     sharding: a NamedSharding with P('data') on the batch axis; process_index / process_count default to JAX's.
+    prefetch: host batches tf.data keeps ready; device_prefetch: global-array batches built ahead (0: in next()).
     """
     process_index, process_count, local_batch = _process(process_index, process_count, global_batch)
     spe = steps_per_epoch(source.num_examples, global_batch)
@@ -113,7 +120,7 @@ def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, st
                        process_count=process_count, start_step=start_step)
     ds = ds.map(load_and_augment, num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch).with_options(_options(num_parallel_calls))
-    return TrainIterator(ds, sharding, start_step, spe)
+    return TrainIterator(ds, sharding, start_step, spe, device_prefetch)
 
 
 def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: int = 256, crop_size: int = 224,
