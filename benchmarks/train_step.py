@@ -3,7 +3,7 @@ independent PyTorch reference step (tests/torch_reference.py).
 
     python benchmarks/train_step.py --config=configs/vits16.py [--batch_size N] [--dtype bfloat16|float32]
         [--local_crops_number L] [--attention einsum|dot_product_attention] [--remat] [--out_dim K]
-        [--compare_torch] [--peak_tflops X] [--steps N] [--repeats R] [--set key=value ...]
+        [--compare_torch] [--peak_tflops X] [--steps N] [--repeats R] [--set key=value ...] [--profile_steps N]
 
 CPU example (ViT-Ti/16, 2x224 + 8x96 crops, float32):
     python benchmarks/train_step.py --config=configs/vitt16.py --batch_size 8 --out_dim 4096 --compare_torch
@@ -15,6 +15,7 @@ so that load from other processes hits both alike; the last line is `ratio_jax_o
 torch images/s). Model FLOPs are counted analytically (matmuls only: patch embed, qkv, attention scores and
 weighted sum, proj, MLP, head incl. the K-wide prototypes; student 3x forward on all crops, teacher 1x forward on
 the 2 global crops) and checked against XLA's cost analysis of the compiled step. MFU uses the analytic count.
+--profile_steps traces a few more steps and prints the traced time by op kind (where the time goes).
 Imports neither tensorflow nor dino_jax.data.
 """
 from __future__ import annotations
@@ -83,6 +84,10 @@ def parse_args(argv=None):
                         "updated, as in every epoch after the first)")
     p.add_argument("--no_batch_cap", action="store_true", help="on CPU, do not cap the batch to 8")
     p.add_argument("--dump_hlo", help="write the optimized HLO of the step to this file")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after timing, trace this many steps with jax.profiler and print the ops that take the most "
+                        "time (device ops where the trace has a device; the trace is kept in --profile_dir)")
+    p.add_argument("--profile_dir", help="where to keep the profiler trace (default: a temporary folder)")
     return p.parse_args(argv)
 
 
@@ -189,6 +194,43 @@ def dot_dtypes(stablehlo_text: str) -> dict:
         key = f"{'dot' if m.group(1) == 'dot_general' else 'conv'} {'/'.join(ins)}->{sig.group(2).split('x')[-1]}"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def profile_top_ops(run_steps, n_steps: int, trace_dir: str, top: int = 15) -> list:
+    """Trace `run_steps(n_steps)` and sum the traced events' durations by kind (the name without its numeric suffix:
+    loop_fusion.12 and loop_fusion.7 are one row): [(ms per step, share, kind)], the
+    events of the device processes (GPU/TPU streams) where the trace has any; on XLA:CPU the thunks (fusions, dots),
+    without Python frames ('$...') and the runtime's scopes that enclose them."""
+    import glob
+    import gzip
+    import json
+
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run_steps(n_steps)
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not files:
+        return []
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)|gpu|tpu", name, re.I)}
+    totals: dict = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if device_pids and e.get("pid") not in device_pids:
+            continue
+        if not device_pids and re.match(r"\$|ThunkExecutor|PjitFunction|.*ThreadPool", e["name"]):
+            continue
+        kind = re.sub(r"([._]\d+)+$", "", e["name"])
+        totals[kind] = totals.get(kind, 0.0) + e["dur"] / 1e3
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [(ms / n_steps, ms / whole, name) for name, ms in ranked]
 
 
 def fmt_bytes(n):
@@ -464,6 +506,16 @@ def main(argv=None):
     print(f"mfu={mfu:.4f}")
     if xla_total:
         print(f"flops_ratio_analytic_over_xla={analytic_step / xla_total:.4f}")
+    if args.profile_steps:
+        import tempfile
+
+        trace_dir = args.profile_dir or tempfile.mkdtemp(prefix="train_step_trace_")
+        top = profile_top_ops(run_jax, args.profile_steps, trace_dir)
+        print(f"\ntop traced ops over {args.profile_steps} steps (trace in {trace_dir}):")
+        print("| ms per step | share of traced time | op kind |")
+        print("|---|---|---|")
+        for ms, share, name in top:
+            print(f"| {ms:.2f} | {100 * share:.1f} % | {name[:100]} |")
     if torch_step is not None:
         print(f"ratio_cpu_time_torch_over_jax={median(torch_cpu) / median(jax_cpu):.3f}")
         print(f"ratio_jax_over_torch={median(torch_times) / jax_step:.3f}")

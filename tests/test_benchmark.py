@@ -26,7 +26,8 @@ def test_harness_prints_table_and_flops(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), f"--config={cfg}", "--steps", "2",
-           "--repeats", "1", "--warmup", "1", "--peak_tflops", "0.1", "--set", "head_nlayers=2"]
+           "--repeats", "1", "--warmup", "1", "--peak_tflops", "0.1", "--set", "head_nlayers=2",
+           "--profile_steps", "1", "--profile_dir", str(tmp_path / "trace")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -38,6 +39,9 @@ def test_harness_prints_table_and_flops(tmp_path):
     assert 0.7 <= ratio <= 1.3, ratio
     assert re.search(r"\| host callbacks in step\s*\| 0 \|", text)
     assert float(re.search(r"images_per_second=([\d.]+)", text).group(1)) > 0
+    profiled = re.findall(r"^\| ([\d.]+) \| ([\d.]+) % \| (\S+) \|$", text, re.M)
+    assert profiled and sum(float(share) for _, share, _ in profiled) <= 100.5, text  # kinds of XLA:CPU thunks
+    assert not any(kind.startswith("$") or "ThunkExecutor" in kind for _, _, kind in profiled), profiled
 
 
 def test_harness_does_not_import_tensorflow():
