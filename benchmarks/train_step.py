@@ -383,21 +383,23 @@ def main(argv=None):
     host_callbacks = len(re.findall(r"custom_call_target=\"[^\"]*(callback|Callback)", hlo))
     xla = xla_flops(compiled)
 
-    jax_cpu, torch_cpu = [], []
+    jax_cpu, torch_cpu, jax_faults = [], [], []
 
     def run_jax(n):
         nonlocal state
         times = []
         for i in range(n):
             t, cpu = time.perf_counter(), time.process_time()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             state, metrics = compiled(state, batches[i % 2])
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t)
             jax_cpu.append(time.process_time() - cpu)
+            jax_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         return times, metrics
 
     _, metrics = run_jax(args.warmup)
-    del jax_cpu[:]
+    del jax_cpu[:], jax_faults[:]
     if not bool(metrics["finite"]):
         print("warning: the step produced a non-finite loss on random data", file=sys.stderr)
     jax_rss = peak_rss_bytes()
@@ -463,6 +465,8 @@ def main(argv=None):
         ("step (median)", f"{jax_step * 1e3:.1f} ms  [min {min(jax_times) * 1e3:.1f}, max {max(jax_times) * 1e3:.1f}, "
                           f"n={len(jax_times)}]"),
         ("step CPU time (median)", f"{median(jax_cpu):.2f} CPU-s (process user+sys; robust to other load)"),
+        ("page faults per step", f"{median(jax_faults):.0f} minor (median; GLIBC_TUNABLES="
+                                 f"{os.environ.get('GLIBC_TUNABLES', '')!r}, see dino_jax/hugepages.py)"),
         ("images/s", f"{ips:.2f}"),
         ("load average (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
         ("peak memory", (f"{fmt_bytes(jax_dev_peak)} device" if jax_dev_peak is not None
@@ -522,4 +526,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    from dino_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()  # as python -m dino_jax.main does: XLA:CPU's per-step block without 4-KiB faults
     main()

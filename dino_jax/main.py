@@ -7,8 +7,13 @@ import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # before any thread or big allocation exists
+    from dino_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vits16.py (or configs/vits16.py:boosted).",
                                 lock_config=True)

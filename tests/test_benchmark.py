@@ -32,8 +32,8 @@ def test_harness_prints_table_and_flops(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     print(text)
-    for row in ("compile", "step (median)", "images/s", "peak memory", "FLOPs/step analytic", "FLOPs/step XLA",
-                "MFU", "host callbacks in step"):
+    for row in ("compile", "step (median)", "images/s", "page faults per step", "peak memory", "FLOPs/step analytic",
+                "FLOPs/step XLA", "MFU", "host callbacks in step"):
         assert f"| {row}" in text, row
     ratio = float(re.search(r"flops_ratio_analytic_over_xla=([\d.]+)", text).group(1))
     assert 0.7 <= ratio <= 1.3, ratio
