@@ -45,6 +45,11 @@ def check_batch_divisible(global_batch: int, mesh: Mesh):
                          f"({mesh.size}); pick a multiple of {mesh.size}")
 
 
+def global_batch(sharding: NamedSharding, local: dict) -> dict:
+    """A dict of this process's rows (numpy) as global `jax.Array`s sharded by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
 def _fill(host_batches, sharding, out: queue.Queue, stop: threading.Event):
     """Prefetch thread: put global batches, then StopIteration or the exception that ended the input, on `out`;
     returns as soon as `stop` is set."""
@@ -59,7 +64,7 @@ def _fill(host_batches, sharding, out: queue.Queue, stop: threading.Event):
 
     try:
         for local in host_batches:
-            if not put({k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}):
+            if not put(global_batch(sharding, local)):
                 return
         put(StopIteration())
     except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -90,7 +95,7 @@ class GlobalBatches:
         if self._stop.is_set():
             raise RuntimeError("next() on closed GlobalBatches")
         if self._queue is None:
-            return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in next(self._host).items()}
+            return global_batch(self._sharding, next(self._host))
         batch = self._queue.get()
         if isinstance(batch, BaseException):
             self.close()

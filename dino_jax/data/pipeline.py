@@ -154,4 +154,4 @@ def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: i
                                                          deterministic=True)
     ds = ds.batch(local_batch).prefetch(2).with_options(_options(num_parallel_calls))
     for local in ds.as_numpy_iterator():
-        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+        yield sharding_lib.global_batch(sharding, local)

@@ -285,6 +285,8 @@ def linear_train_iterator(source, *, global_batch: int, sharding, seed: int, epo
     """
     import tensorflow as tf
 
+    from dino_jax import sharding as sharding_lib
+
     num_parallel_calls = num_parallel_calls or tf.data.AUTOTUNE
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -319,4 +321,4 @@ def linear_train_iterator(source, *, global_batch: int, sharding, seed: int, epo
     ds = tf.data.Dataset.from_tensor_slices(mine).map(load, num_parallel_calls=num_parallel_calls,
                                                        deterministic=True)
     for b in ds.batch(local).prefetch(2).as_numpy_iterator():
-        yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
+        yield sharding_lib.global_batch(sharding, b)
