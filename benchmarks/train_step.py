@@ -88,7 +88,10 @@ def parse_args(argv=None):
                    help="after timing, trace this many steps with jax.profiler and print the ops that take the most "
                         "time (device ops where the trace has a device; the trace is kept in --profile_dir)")
     p.add_argument("--profile_dir", help="where to keep the profiler trace (default: a temporary folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile_steps < 0:
+        p.error(f"--profile_steps={args.profile_steps}: pass a number of steps to trace (0: no profile)")
+    return args
 
 
 def load_config(spec: str):

@@ -79,3 +79,15 @@ def test_analytic_flops_match_hand_count():
     assert abs(want / 1e9 - 9.2) < 0.1  # the usual "4.6 GMACs" of ViT-S/16
     assert train_step.head_forward_flops(384, 65536, 3, 2048, 256) == 2 * (
         384 * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 65536)
+
+
+def test_negative_profile_steps_is_refused(capsys):
+    import pytest
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import train_step
+
+    with pytest.raises(SystemExit):
+        train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "-1"])
+    assert "--profile_steps=-1" in capsys.readouterr().err
+    assert train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "2"]).profile_steps == 2
