@@ -40,7 +40,7 @@ OPS = {
     "saturation": lambda x, s: A.adjust_saturation(x, 1.2),
     "hue": lambda x, s: A.adjust_hue(x, 0.08),
     "color_jitter": lambda x, s: A.color_jitter(x, *[t[0] for t in A.sample_jitter(s, 1)]),
-    "blur": lambda x, s: A.gaussian_blur([x, x[::-1]], tf.constant([0.7, 1.9]), tf.constant([True, False])),
+    "blur": lambda x, s: A.gaussian_blur(x, A.uniform(s, 0.1, 2.0), flip=A.uniform(s) < 0.5),
     "solarize": lambda x, s: A.solarize(x),
     "normalize": lambda x, s: A.normalize(x[None]),
     "views": lambda x, s: A.views(x, s, n=3, size=16, scale=(0.1, 0.5), p_blur=0.5, p_solarize=(0.0, 0.2, 1.0)),
@@ -213,15 +213,15 @@ def test_color_jitter_order_matters_and_follows_order():
 
 
 def test_blur_changes_pixels_and_keeps_a_bright_uniform_image_bright():
-    out = A.gaussian_blur([tf.constant(X)], tf.constant([1.5])).numpy()[0]
+    out = A.gaussian_blur(tf.constant(X), 1.5).numpy()
     assert np.abs(out - X).mean() > 0.01
     bright = np.full((24, 24, 3), 0.9, np.float32)
     for sigma in (0.1, 1.0, 2.0):
-        np.testing.assert_allclose(A.gaussian_blur([bright], tf.constant([sigma])).numpy(), 0.9, atol=1e-5)
+        np.testing.assert_allclose(A.gaussian_blur(tf.constant(bright), sigma).numpy(), 0.9, atol=1e-5)
     # A blurred step edge is monotone and symmetric: a true low-pass filter.
     step = np.zeros((16, 16, 3), np.float32)
     step[:, 8:] = 1.0
-    row = A.gaussian_blur([step], tf.constant([1.5])).numpy()[0, 8, :, 0]
+    row = A.gaussian_blur(tf.constant(step), 1.5).numpy()[8, :, 0]
     assert (np.diff(row) >= -1e-6).all() and abs(row[7] + row[8] - 1.0) < 1e-5
 
 
@@ -230,7 +230,7 @@ def test_blur_is_close_to_pil_gaussian_blur():
 
     for sigma in (0.5, 2.0):
         want = np.asarray(pil_image().filter(ImageFilter.GaussianBlur(sigma))) / 255.0
-        got = A.gaussian_blur([tf.constant(X)], tf.constant([sigma])).numpy()[0]
+        got = A.gaussian_blur(tf.constant(X), sigma).numpy()
         assert np.abs(got - want).mean() < 2.0 / 255
 
 
@@ -238,14 +238,18 @@ def test_blur_with_flip_is_the_blur_of_the_mirror():
     """views() folds the horizontal flip into the blur's padding gather."""
     x = tf.constant(X)
     for do in (True, False):
-        got = A.gaussian_blur([x], tf.constant([1.3]), flip=tf.constant(do)).numpy()[0]
-        want = A.gaussian_blur([A.flip(x, do)], tf.constant([1.3])).numpy()[0]
+        got = A.gaussian_blur(x, 1.3, flip=tf.constant(do)).numpy()
+        want = A.gaussian_blur(A.flip(x, do), 1.3).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_blur_apply_false_is_exact_identity():
-    out = A.gaussian_blur([tf.constant(X)] * 2, tf.constant([1.0, 1.0]), tf.constant([False, True])).numpy()
-    assert np.array_equal(out[0], X) and not np.allclose(out[1], X)
+def test_blur_of_a_non_square_image_blurs_each_axis_with_its_own_length():
+    """The two passes view the image with different row lengths (W * 3, then H * 3 after the transpose)."""
+    tall = X[:40, :24]
+    out = A.gaussian_blur(tf.constant(tall), 1.5).numpy()
+    want = A.gaussian_blur(tf.constant(tall.transpose(1, 0, 2).copy()), 1.5).numpy().transpose(1, 0, 2)
+    assert out.shape == tall.shape
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
 
 
 def test_solarize_matches_pil_threshold_128():
@@ -302,7 +306,7 @@ def test_views_equal_the_reference_order_of_ops():
         x = A.flip(crops[i], v["flip"][i])
         x = A.color_jitter(x, v["factors"][i], v["order"][i]) if v["jitter"][i] else x
         x = A.to_grayscale(x) if v["grey"][i] else x
-        x = A.gaussian_blur([x], v["sigma"][i:i + 1])[0] if v["blur"][i] and p_blur[i] > 0 else x
+        x = A.gaussian_blur(x, v["sigma"][i]) if v["blur"][i] and p_blur[i] > 0 else x
         x = A.solarize(x) if v["solarize"][i] and p_sol[i] > 0 else x
         np.testing.assert_allclose(got[i], A.normalize(x[None]).numpy()[0], rtol=0, atol=2e-5)
         seen.add((bool(v["flip"][i]), bool(v["blur"][i] and p_blur[i] > 0)))

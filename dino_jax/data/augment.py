@@ -15,8 +15,10 @@ the uint8 image; colour ops that mix channels are one small matmul; jitter, grey
 crops whose decision asks for them (a tf.cond each); the mirror is folded into the blur's padding gather; the ops
 avoid tf.where, channel slices and channel-axis broadcasts (slow on CPU). The antialiased resize (TF's
 ScaleAndTranslate, kept for fidelity) runs both of its passes as the kernel's vectorised vertical pass over
-one-pixel-wide row views (`_resize_rows`: bit-identical, about half the CPU); it is still about a third of the cost
-(benchmarks/README.md has the numbers and what did not help).
+one-pixel-wide row views (`_resize_rows`: bit-identical, about half the CPU); it is still about a third of the cost.
+The blur does the same: both passes are row passes over a wide-channel view, with a transpose between, and the colour
+ops run on the crops' transposes so that the resize's last transpose is the blur's first (benchmarks/README.md has
+the numbers and what did not help).
 """
 from __future__ import annotations
 
@@ -94,18 +96,20 @@ def _rows_pass(rows, out_rows, scale):
                                         translation=tf.zeros([2]), kernel_type="keyscubic", antialias=True)
 
 
-def _resize_rows(rows, in_w, out_h, out_w, scale_h, scale_w, channels: int = 3):
+def _resize_rows(rows, in_w, out_h, out_w, scale_h, scale_w, channels: int = 3, transposed: bool = False):
     """Antialiased bicubic resize of an (in_h, in_w, c) image given as its (1, in_h, 1, in_w * c) rows: (out_h, out_w,
     c) float32, bit-identical to ScaleAndTranslate on the (1, in_h, in_w, c) image, at about half the CPU.
 
     Why: ScaleAndTranslate runs its horizontal pass first, over the whole input, as a scalar loop over 3 channels per
     tap; its vertical pass adds whole rows (vectorised). Seen as one pixel wide with in_w * c channels, an image gets
     only the vectorised pass (the one-pixel-wide pass is a copy with weight 1). So each axis is resized as the
-    vertical axis of such an image, with a transpose between and after."""
+    vertical axis of such an image, with a transpose between and after (transposed=True: without the one after, the
+    (out_w, out_h, c) transpose of the result)."""
     x = _rows_pass(rows, out_h, scale_h)  # (1, out_h, 1, in_w * c): the vertical pass
     x = tf.transpose(tf.reshape(x, tf.stack([out_h, in_w, channels])), [1, 0, 2])  # (in_w, out_h, c)
     x = _rows_pass(tf.reshape(x, tf.stack([1, in_w, 1, out_h * channels])), out_w, scale_w)  # the horizontal pass
-    return tf.transpose(tf.reshape(x, tf.stack([out_w, out_h, channels])), [1, 0, 2])
+    x = tf.reshape(x, tf.stack([out_w, out_h, channels]))
+    return x if transposed else tf.transpose(x, [1, 0, 2])
 
 
 def resize(image, size):
@@ -129,11 +133,12 @@ def _resized_to_unit(x, input_dtype):
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
+def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO, transposed: bool = False):
     """n RandomResizedCrops of one (H, W, 3) image (float in [0, 1], or uint8): a list of (size, size, 3) float
     images in [0, 1]. Small images are upsampled. The image is viewed as (1, H, 1, W * 3) rows, so a crop is one
     strided slice that _resize_rows takes as it is; the n windows' bounds and scales are computed in one go and
-    unstacked (one op per crop instead of several)."""
+    unstacked (one op per crop instead of several). transposed=True gives each crop as its (W, H, 3) transpose,
+    one transpose fewer (views() transposes in the blur or the mirror instead)."""
     shape = tf.shape(image)
     channels = image.shape[-1] or 3
     top, left, h, w = sample_crop_windows(seed, shape[0], shape[1], n, scale, ratio)
@@ -146,7 +151,7 @@ def random_resized_crops(image, seed, n: int, size: int, scale, ratio=RATIO):
     out = []
     for i in range(n):
         x = _resize_rows(tf.strided_slice(rows, begin[i], end[i]), w[i], size, size, scale_h[i], scale_w[i],
-                         channels)
+                         channels, transposed)
         out.append(_resized_to_unit(x, image.dtype))
     return out
 
@@ -256,37 +261,50 @@ def _blur_radius(height, width, radius: int = BLUR_RADIUS):
     return min(radius, height - 1, width - 1)  # reflect padding needs r < side
 
 
-def blur_kernels(sigma, r: int, apply=None):
-    """(2r + 1, n*3) depthwise kernels for n images: channel c of image i is channel 3i + c."""
+def blur_taps(sigma, r: int, row_length: int):
+    """(n, 2r + 1, 1, row_length * 3, 1) depthwise-conv taps for sigma of shape (n,): each image's 1-D Gaussian,
+    repeated over the row_length * 3 channels of _rows_blur's view."""
     k = gaussian_kernels(sigma, r)
-    if apply is not None:  # a unit impulse leaves an image exactly unchanged
-        k = tf.where(apply[:, None], k, tf.one_hot(r, 2 * r + 1))
-    return tf.transpose(tf.repeat(k, 3, axis=0))
+    return tf.tile(k[:, :, None, None, None], [1, 1, 1, row_length * 3, 1])
 
 
-def gaussian_blur(images, sigma, apply=None, radius: int = BLUR_RADIUS, flip=None, kernel=None):
-    """Separable Gaussian blur of n images with per-image sigma (n,) and reflect padding (so a uniform image stays
-    uniform at its borders); images where `apply` is False are left exactly as they are.
+def _rows_blur(x, taps, indices):
+    """Blur axis 0 of an (L, M, 3) image: the reflect padding is a row gather (`indices`), then one depthwise
+    convolution over its (1, L + 2r, 1, M * 3) view, whose M * 3 channels keep the kernel vectorised (over 3
+    channels, as (1, L, M, 3), the same convolution is ~2x slower and the column gather ~4x)."""
+    length, other = x.shape[0], x.shape[1]
+    rows = tf.gather(tf.reshape(x, [1, length, 1, other * 3]), indices, axis=1)
+    out = tf.nn.depthwise_conv2d(rows, taps, [1, 1, 1, 1], "VALID")
+    return tf.reshape(out, [len(indices) - (taps.shape[0] - 1), other, 3])
 
-    images: a list of n (H, W, 3) images; returns (n, H, W, 3). They are stacked into one (1, H, W, n*3) tensor so a
-    single depthwise convolution blurs them all, each with its own kernel. The reflect padding is a gather with
-    precomputed indices per axis, before that axis's pass (tf.pad's REFLECT mode is ~4x slower).
-    flip: optional scalar bool (n == 1 only): also mirror the image left-right, for free, by reversing the indices
-    of the horizontal padding gather (the blur is symmetric, so blur and mirror commute).
-    kernel: optional (K, n*3) kernels as built below (views() builds those of all its crops in one go).
+
+def gaussian_blur(image, sigma=None, radius: int = BLUR_RADIUS, flip=None, taps=None, transposed: bool = False):
+    """Separable Gaussian blur of one (H, W, 3) image with reflect padding (so a uniform image stays uniform at its
+    borders): the vertical pass, a transpose, the horizontal pass as a vertical one, and a transpose back.
+    transposed=True: `image` is the (W, H, 3) transpose (as random_resized_crops(transposed=True) gives it); the
+    horizontal pass runs first and the result is (H, W, 3) without the transpose back.
+
+    sigma: a scalar; or taps: (2r + 1, 1, W * 3, 1) as blur_taps builds them (views() builds those of all its crops
+    in one go; a square image only, where both passes share them).
+    flip: optional scalar bool: also mirror the image left-right, for free, by reversing the indices of the
+    horizontal padding gather (the blur is symmetric, so blur and mirror commute).
     """
-    n, height, width = len(images), images[0].shape[0], images[0].shape[1]
+    height, width = (image.shape[1], image.shape[0]) if transposed else (image.shape[0], image.shape[1])
     r = _blur_radius(height, width, radius)
-    k = blur_kernels(sigma, r, apply) if kernel is None else kernel
-    x = images[0][None] if n == 1 else tf.reshape(tf.stack(images, axis=2), [1, height, width, n * 3])
-    x = tf.gather(x, _reflect_indices(height, r), axis=1)
-    x = tf.nn.depthwise_conv2d(x, k[:, None, :, None], [1, 1, 1, 1], "VALID")
+    if taps is None:
+        sigma = tf.reshape(tf.cast(sigma, tf.float32), [1])
+        taps_v, taps_h = blur_taps(sigma, r, width)[0], blur_taps(sigma, r, height)[0]
+    else:
+        taps_v = taps_h = taps
     columns = _reflect_indices(width, r)
     if flip is not None:
         columns = tf.where(flip, columns[::-1].copy(), columns)
-    x = tf.gather(x, columns, axis=2)
-    x = tf.nn.depthwise_conv2d(x, k[None, :, :, None], [1, 1, 1, 1], "VALID")
-    return x if n == 1 else tf.transpose(tf.reshape(x, [height, width, n, 3]), [2, 0, 1, 3])
+    if transposed:
+        x = _rows_blur(image, taps_h, columns)
+        return _rows_blur(tf.transpose(x, [1, 0, 2]), taps_v, _reflect_indices(height, r))
+    x = _rows_blur(image, taps_v, _reflect_indices(height, r))
+    x = _rows_blur(tf.transpose(x, [1, 0, 2]), taps_h, columns)
+    return tf.transpose(x, [1, 0, 2])
 
 
 def solarize(image, threshold: float = 128.0 / 255.0):
@@ -325,23 +343,25 @@ def views(image, seed, *, n: int, size: int, scale, p_blur=0.0, p_solarize=0.0, 
     Per crop, only what its decisions ask for runs: jitter, grey, blur and solarize each sit in a tf.cond, so a crop
     that is not blurred costs nothing in the blur (a crop with p_blur 1 is blurred without a cond). The mirror is
     applied after the colour ops (they are per pixel, or use the image mean: they commute with it): in a blurred
-    crop it is folded into the blur's padding gather, otherwise it is a gather under a tf.cond.
+    crop it is folded into the blur's padding gather, otherwise it is a gather under a tf.cond. For the same
+    reason the colour ops run on the crops' transposes, which the resize makes one transpose early: the blur's
+    horizontal pass needs that layout, and the transpose back happens in the blur or before the mirror.
     """
     s = split(seed, 2)
-    crops = random_resized_crops(image, s[0], n, size, scale)
+    crops = random_resized_crops(image, s[0], n, size, scale, transposed=True)  # (W, H, 3): see above
     v = sample_view_params(s[1], n, p_blur, p_solarize, blur_sigma)
     flip_, jitter, grey_, blur, sol = (tf.unstack(v[k], n) for k in ("flip", "jitter", "grey", "blur", "solarize"))
     factors, order, sigma = tf.unstack(v["factors"], n), tf.unstack(v["order"], n), v["sigma"]
     p_blur, p_solarize = np.broadcast_to(np.float32(p_blur), [n]), np.broadcast_to(np.float32(p_solarize), [n])
-    if np.max(p_blur) > 0:  # every crop's kernel in one go, not ~10 small ops per blurred crop
-        kernels = tf.split(blur_kernels(sigma, _blur_radius(size, size)), n, axis=1)
+    if np.max(p_blur) > 0:  # every crop's taps in one go, not ~10 small ops per blurred crop
+        taps = tf.unstack(blur_taps(sigma, _blur_radius(size, size), size), n)
     out = []
     for i in range(n):
         x = crops[i]
         x = tf.cond(jitter[i], lambda i=i, x=x: color_jitter(x, factors[i], order[i]), lambda x=x: x)
         x = tf.cond(grey_[i], lambda x=x: to_grayscale(x), lambda x=x: x)
-        blurred = lambda i=i, x=x: gaussian_blur([x], None, flip=flip_[i], kernel=kernels[i])[0]  # noqa: E731
-        mirrored = lambda i=i, x=x: flip(x, flip_[i])  # noqa: E731
+        blurred = lambda i=i, x=x: gaussian_blur(x, flip=flip_[i], taps=taps[i], transposed=True)  # noqa: E731
+        mirrored = lambda i=i, x=x: flip(tf.transpose(x, [1, 0, 2]), flip_[i])  # noqa: E731
         if p_blur[i] >= 1:
             x = blurred()
         elif p_blur[i] > 0:
