@@ -275,7 +275,7 @@ def _rows_blur(x, taps, indices):
     length, other = x.shape[0], x.shape[1]
     rows = tf.gather(tf.reshape(x, [1, length, 1, other * 3]), indices, axis=1)
     out = tf.nn.depthwise_conv2d(rows, taps, [1, 1, 1, 1], "VALID")
-    return tf.reshape(out, [len(indices) - (taps.shape[0] - 1), other, 3])
+    return tf.reshape(out, [length, other, 3])
 
 
 def gaussian_blur(image, sigma=None, radius: int = BLUR_RADIUS, flip=None, taps=None, transposed: bool = False):
