@@ -4,7 +4,8 @@
 
 Writes a few dozen JPEGs (scikit-image's bundled photos at several sizes) to a temporary ImageFolder, reads them
 through `folder:` and `pipeline.train_iterator` (decode, augment, batch, global jax.Array) and prints a table; the
-last line is `images_per_second_per_core=X`. On a shared machine other jobs lower the number: check `uptime`.
+last line is `images_per_second_per_core=X`. On a shared machine other jobs lower the number: the table shows the
+load average and the CPU time the hypervisor gave to other guests during the timed batches ("stolen").
 """
 import argparse
 import os
@@ -15,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from steal import stolen_cpu_seconds, stolen_share  # noqa: E402
 
 from dino_jax import sharding  # noqa: E402
 from dino_jax.data import pipeline, sources  # noqa: E402
@@ -54,10 +57,11 @@ def main():
                                      local_crops_number=args.n_local)
         for _ in range(3):
             jax.block_until_ready(next(it))
-        t0, c0 = time.time(), time.process_time()
+        t0, c0, s0 = time.time(), time.process_time(), stolen_cpu_seconds()
         for _ in range(args.batches):
             batch = jax.block_until_ready(next(it))
         wall, cpu = time.time() - t0, time.process_time() - c0
+        stolen = stolen_share(s0, wall)
     images = args.batch * args.batches
     rate = images / wall
     cores = os.cpu_count()
@@ -70,6 +74,7 @@ def main():
     print(f"{'images per CPU-second':<28}{images / cpu:.1f} (what one free core would do)")
     print(f"{'crops/s':<28}{rate * (2 + args.n_local):.0f}")
     print(f"{'load average (1 min)':<28}{os.getloadavg()[0]:.2f} on {cores} cores")
+    print(f"{'CPU stolen by the host':<28}{stolen} (other guests of a shared VM host)")
     print(f"images_per_second_per_core={rate / cores:.1f}")
 
 

@@ -33,6 +33,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from steal import stolen_cpu_seconds, stolen_share  # noqa: E402
 
 # Peak dense matmul throughput per chip, TFLOP/s, keyed by a substring of jax's device_kind (lower case).
 # bf16: NVIDIA H100 SXM datasheet 1,979 TFLOP/s "with sparsity", i.e. 989.4 dense; TF32 989 sparse = 494.7 dense
@@ -423,6 +425,7 @@ def main(argv=None):
             torch_step.step()
 
     jax_times, torch_times = [], []
+    timed_from, stolen_from = time.perf_counter(), stolen_cpu_seconds()
     for _ in range(args.repeats):
         jax_times += run_jax(args.steps)[0]
         if torch_step is not None:
@@ -431,6 +434,8 @@ def main(argv=None):
                 torch_step.step()
                 torch_times.append(time.perf_counter() - t)
                 torch_cpu.append(time.process_time() - cpu)
+
+    stolen = stolen_share(stolen_from, time.perf_counter() - timed_from)
 
     # --- numbers
     flops = model_flops_per_image(c, model.backbone)
@@ -472,6 +477,7 @@ def main(argv=None):
                                  f"{os.environ.get('GLIBC_TUNABLES', '')!r}, see dino_jax/hugepages.py)"),
         ("images/s", f"{ips:.2f}"),
         ("load average (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
+        ("CPU stolen by the host", f"{stolen} (timed rounds; other guests of a shared VM host)"),
         ("peak memory", (f"{fmt_bytes(jax_dev_peak)} device" if jax_dev_peak is not None
                          else f"{fmt_bytes(jax_rss)} process peak RSS (CPU)")),
         ("FLOPs/image (analytic)", f"{flops['train'] / 1e9:.2f} GFLOP  [student fwd {flops['student_fwd'] / 1e9:.2f}"

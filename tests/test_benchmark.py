@@ -38,6 +38,8 @@ def test_harness_prints_table_and_flops(tmp_path):
     ratio = float(re.search(r"flops_ratio_analytic_over_xla=([\d.]+)", text).group(1))
     assert 0.7 <= ratio <= 1.3, ratio
     assert re.search(r"\| host callbacks in step\s*\| 0 \|", text)
+    stolen = re.search(r"\| CPU stolen by the host\s*\| ([\d.]+) % of (\d+) cores", text)  # Linux reports it
+    assert stolen and 0 <= float(stolen.group(1)) <= 100 and int(stolen.group(2)) == os.cpu_count(), text
     assert float(re.search(r"images_per_second=([\d.]+)", text).group(1)) > 0
     profiled = re.findall(r"^\| ([\d.]+) \| ([\d.]+) % \| (\S+) \|$", text, re.M)
     assert profiled and sum(float(share) for _, share, _ in profiled) <= 100.5, text  # kinds of XLA:CPU thunks
@@ -91,3 +93,16 @@ def test_negative_profile_steps_is_refused(capsys):
         train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "-1"])
     assert "--profile_steps=-1" in capsys.readouterr().err
     assert train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "2"]).profile_steps == 2
+
+
+def test_stolen_time_is_read_from_proc_stat(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import steal
+
+    with open("/proc/stat") as f:
+        want = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    got = steal.stolen_cpu_seconds()
+    assert want <= got < want + 5  # steal only grows, a few ticks at most in between
+    assert steal.stolen_share(got, 0.0) == "n/a" and steal.stolen_share(None, 1.0) == "n/a"
+    share = steal.stolen_share(got - 0.5 * os.cpu_count(), 1.0)  # half a second per core "stolen" in one second
+    assert float(share.split()[0]) >= 50.0, share
