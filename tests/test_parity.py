@@ -1,5 +1,6 @@
 """Parity of the core (ViT, head, loss, center, schedules, whole training steps) with an independent PyTorch
 implementation of the reference (tests/torch_reference.py), on shared random weights in float32."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +177,56 @@ def test_gelu_and_its_custom_gradient():
     xt = torch.from_numpy(np.array(x)).requires_grad_()
     torch.nn.functional.gelu(xt).backward(torch.from_numpy(np.asarray(cot)))
     np.testing.assert_allclose(vjp(cot)[0], xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_and_its_custom_gradient():
+    """The attention softmax with PyTorch's backward equals jax.nn.softmax and its autodiff gradient, and torch's,
+    on logits with large, tied and -1e9 entries (a masked-out key)."""
+    from dino_jax.models.vit import softmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=4.0, size=(3, 5, 7, 9)).astype(np.float32)
+    x[0, 0, 0] = 50.0  # saturated row
+    x[1, 1, 1, :4] = -1e9
+    x[2, 2, 2] = x[2, 2, 2, 0]  # a row of ties
+    x = jnp.asarray(x)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    got_y, vjp = jax.vjp(softmax, x)
+    want_y, want_vjp = jax.vjp(lambda v: jax.nn.softmax(v, axis=-1), x)
+    np.testing.assert_array_equal(got_y, want_y)
+    np.testing.assert_allclose(vjp(cot)[0], want_vjp(cot)[0], rtol=1e-5, atol=1e-6)
+    xt = torch.from_numpy(np.array(x)).requires_grad_()
+    torch.softmax(xt, -1).backward(torch.from_numpy(np.asarray(cot)))
+    np.testing.assert_allclose(vjp(cot)[0], xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_its_custom_gradient():
+    """Our LayerNorm module equals flax's nn.LayerNorm (same parameters, forward and gradients) and torch's
+    layer_norm, on features with offsets, tiny and large spreads."""
+    from dino_jax.models.vit import LN_EPS, LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 48)).astype(np.float32) * rng.uniform(1e-3, 30, size=(4, 6, 1)).astype(np.float32)
+    x += rng.normal(scale=5.0, size=(4, 6, 1)).astype(np.float32)
+    x = jnp.asarray(x)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours, flax_ln = LayerNorm(), nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32)
+    params = ours.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_ln.init(jax.random.PRNGKey(0), x))
+    params = {"params": {"scale": jnp.asarray(rng.normal(size=48), jnp.float32),
+                         "bias": jnp.asarray(rng.normal(size=48), jnp.float32)}}
+    got_y, got_vjp = jax.vjp(lambda p, v: ours.apply(p, v), params, x)
+    want_y, want_vjp = jax.vjp(lambda p, v: flax_ln.apply(p, v), params, x)
+    np.testing.assert_array_equal(got_y, want_y)
+    for got, want in zip(jax.tree.leaves(got_vjp(cot)), jax.tree.leaves(want_vjp(cot))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    xt = torch.from_numpy(np.array(x)).requires_grad_()
+    wt, bt = (torch.from_numpy(np.array(params["params"][k])).requires_grad_() for k in ("scale", "bias"))
+    torch.nn.functional.layer_norm(xt, (48,), wt, bt, eps=LN_EPS).backward(torch.from_numpy(np.asarray(cot)))
+    (d_params, d_x) = got_vjp(cot)
+    np.testing.assert_allclose(d_x, xt.grad.numpy(), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(d_params["params"]["scale"], wt.grad.numpy(), rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(d_params["params"]["bias"], bt.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_collapse_warning_on_the_demos_monitor_values():
