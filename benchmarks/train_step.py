@@ -474,7 +474,7 @@ def main(argv=None):
                           f"n={len(jax_times)}]"),
         ("step CPU time (median)", f"{median(jax_cpu):.2f} CPU-s (process user+sys; robust to other load)"),
         ("page faults per step", f"{median(jax_faults):.0f} minor (median; GLIBC_TUNABLES="
-                                 f"{os.environ.get('GLIBC_TUNABLES', '')!r}, see dino_jax/hugepages.py)"),
+                                 f"{os.environ.get('GLIBC_TUNABLES', '')!r}, see dino_jax/malloc_tuning.py)"),
         ("images/s", f"{ips:.2f}"),
         ("load average (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"),
         ("CPU stolen by the host", f"{stolen} (timed rounds; other guests of a shared VM host)"),
@@ -536,7 +536,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO)
-    from dino_jax import hugepages
+    from dino_jax import malloc_tuning
 
-    hugepages.reexec_with_huge_pages()  # as python -m dino_jax.main does: XLA:CPU's per-step block without 4-KiB faults
+    malloc_tuning.reexec_with_malloc_tuning()  # as python -m dino_jax.main does: XLA:CPU's per-step block kept mapped
     main()

@@ -8,9 +8,9 @@ import os
 import sys
 
 if __name__ == "__main__":  # before any thread or big allocation exists
-    from dino_jax import hugepages
+    from dino_jax import malloc_tuning
 
-    hugepages.reexec_with_huge_pages()
+    malloc_tuning.reexec_with_malloc_tuning()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

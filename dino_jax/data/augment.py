@@ -27,11 +27,6 @@ import math
 import numpy as np
 import tensorflow as tf
 
-try:  # the accelerators belong to JAX; tf.data runs on the host CPU
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF was already initialised by someone else; nothing to do
-    pass
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision

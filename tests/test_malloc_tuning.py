@@ -1,0 +1,53 @@
+"""dino_jax.malloc_tuning: the re-exec keeps the command and adds the tunables, and the tunables keep a large block
+that a worker thread allocates and frees again and again (what XLA:CPU does for every run of a compiled step)
+mapped, instead of faulting in fresh pages each time."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dino_jax import malloc_tuning
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL = ":".join(malloc_tuning.TUNABLES)
+REEXEC = ("import os, sys\n"
+          "from dino_jax import malloc_tuning\n"
+          "malloc_tuning.reexec_with_malloc_tuning()\n"
+          "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+FAULTS = ("import ctypes, resource, threading\n"  # libc's malloc itself (numpy asks for huge pages on its own)
+          "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+          "def work():\n"
+          "    for _ in range(3):\n"
+          "        p = libc.malloc(256 * 2 ** 20); ctypes.memset(p, 1, 256 * 2 ** 20); libc.free(p)\n"
+          "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+          "t = threading.Thread(target=work); t.start(); t.join()\n"
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+needs_glibc = pytest.mark.skipif(not malloc_tuning._supported(),
+                                 reason="needs Linux, glibc >= 2.35 and transparent huge pages")
+
+
+def run(code, *args, **env):
+    env = {k: v for k, v in dict(os.environ, PYTHONPATH=REPO, **env).items() if v is not None}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@needs_glibc
+def test_reexec_adds_the_tunables_and_keeps_argv_environment_and_the_users_values():
+    assert run(REEXEC, "--flag=1", "x", GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None) == f"{ALL} ['--flag=1', 'x']"
+    kept = run(REEXEC, GLIBC_TUNABLES="glibc.malloc.arena_max=4:glibc.foo=1", DINO_JAX_MALLOC_TUNING=None)
+    assert kept == "glibc.malloc.arena_max=4:glibc.foo=1:" + ":".join(malloc_tuning.TUNABLES[1:]) + " []"
+    assert run(REEXEC, GLIBC_TUNABLES=ALL, DINO_JAX_MALLOC_TUNING=None) == f"{ALL} []"  # set already: no re-exec
+    assert run(REEXEC, GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING="0") == "None []"
+
+
+@needs_glibc
+def test_tunables_keep_a_large_block_of_a_worker_thread_mapped():
+    plain = int(run(FAULTS, GLIBC_TUNABLES=None))
+    tuned = int(run(FAULTS, GLIBC_TUNABLES=ALL))
+    assert plain > 3 * 256 * 2 ** 20 // 4096 * 0.9  # every 4-KiB page of each fresh block faults
+    assert tuned < plain / 20, (plain, tuned)  # mapped once (with huge pages), then reused
+    once = int(run(FAULTS, GLIBC_TUNABLES=":".join(malloc_tuning.TUNABLES[:3])))  # kept, 4-KiB pages
+    assert once < 1.2 * 256 * 2 ** 20 // 4096, (plain, once)  # the first block's pages only
