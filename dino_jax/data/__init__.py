@@ -19,8 +19,8 @@ def _configure_tensorflow():
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
     except RuntimeError:
-        if tf.config.threading.get_intra_op_parallelism_threads() != 1:
-            threads = tf.config.threading.get_intra_op_parallelism_threads()
+        threads = tf.config.threading.get_intra_op_parallelism_threads()
+        if threads != 1:
             logging.warning("TensorFlow was initialised before dino_jax.data was imported, so its intra-op pool keeps "
                             "%s and the input pipeline runs slower (benchmarks/README.md); import dino_jax.data "
                             "before running any TensorFlow op", f"{threads} threads" if threads else "a thread per core")

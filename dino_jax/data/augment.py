@@ -294,12 +294,10 @@ def gaussian_blur(image, sigma=None, radius: int = BLUR_RADIUS, flip=None, taps=
     columns = _reflect_indices(width, r)
     if flip is not None:
         columns = tf.where(flip, columns[::-1].copy(), columns)
-    if transposed:
-        x = _rows_blur(image, taps_h, columns)
-        return _rows_blur(tf.transpose(x, [1, 0, 2]), taps_v, _reflect_indices(height, r))
-    x = _rows_blur(image, taps_v, _reflect_indices(height, r))
-    x = _rows_blur(tf.transpose(x, [1, 0, 2]), taps_h, columns)
-    return tf.transpose(x, [1, 0, 2])
+    vertical, horizontal = (taps_v, _reflect_indices(height, r)), (taps_h, columns)
+    first, second = (horizontal, vertical) if transposed else (vertical, horizontal)
+    x = _rows_blur(tf.transpose(_rows_blur(image, *first), [1, 0, 2]), *second)
+    return x if transposed else tf.transpose(x, [1, 0, 2])
 
 
 def solarize(image, threshold: float = 128.0 / 255.0):

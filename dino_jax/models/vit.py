@@ -164,8 +164,7 @@ def layer_norm(x, scale, bias, epsilon: float = LN_EPS):
     autodiff of the forward makes XLA:CPU materialise broadcasts of the statistics per call and cost ~7 % more
     CPU time per ViT-Ti/16 step (benchmarks/README.md).
     """
-    mean, rstd = _layer_norm_stats(x, epsilon)
-    return (x - mean) * (rstd * scale) + bias
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon):
