@@ -250,6 +250,8 @@ def test_blur_of_a_non_square_image_blurs_each_axis_with_its_own_length():
     want = A.gaussian_blur(tf.constant(tall.transpose(1, 0, 2).copy()), 1.5).numpy().transpose(1, 0, 2)
     assert out.shape == tall.shape
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="pass sigma"):
+        A.gaussian_blur(tf.constant(tall))
 
 
 def test_solarize_matches_pil_threshold_128():

@@ -287,6 +287,8 @@ def gaussian_blur(image, sigma=None, radius: int = BLUR_RADIUS, flip=None, taps=
     height, width = (image.shape[1], image.shape[0]) if transposed else (image.shape[0], image.shape[1])
     r = _blur_radius(height, width, radius)
     if taps is None:
+        if sigma is None:
+            raise ValueError("gaussian_blur: pass sigma (a scalar, in pixels) or taps (as blur_taps builds them)")
         sigma = tf.reshape(tf.cast(sigma, tf.float32), [1])
         taps_v, taps_h = blur_taps(sigma, r, width)[0], blur_taps(sigma, r, height)[0]
     else:
