@@ -3,6 +3,7 @@ independent PyTorch reference step (tests/torch_reference.py).
 
     python benchmarks/train_step.py --config=configs/vits16.py [--batch_size N] [--dtype bfloat16|float32]
         [--local_crops_number L] [--attention einsum|dot_product_attention] [--remat] [--out_dim K]
+        [--backbone_chunks C]
         [--compare_torch] [--peak_tflops X] [--steps N] [--repeats R] [--set key=value ...] [--profile_steps N]
 
 CPU example (ViT-Ti/16, 2x224 + 8x96 crops, float32):
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=["einsum", "dot_product_attention"])
     p.add_argument("--remat", action="store_true", default=None)
     p.add_argument("--out_dim", type=int, help="prototypes K (65536 is heavy on a CPU)")
+    p.add_argument("--backbone_chunks", type=int,
+                   help="independent backbone calls per crop size (config.backbone_chunks; 2 suits a 2-core CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (python literal or string), repeatable")
     p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
@@ -339,7 +342,7 @@ def main(argv=None):
     devices = jax.devices()
     platform_name = devices[0].platform
     overrides = {}
-    for key in ("dtype", "local_crops_number", "attention", "remat", "out_dim", "batch_size"):
+    for key in ("dtype", "local_crops_number", "attention", "remat", "out_dim", "batch_size", "backbone_chunks"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if "batch_size" not in overrides and platform_name == "cpu" and not args.no_batch_cap:
@@ -466,7 +469,8 @@ def main(argv=None):
     rows = [
         ("device", f"{len(devices)} x {devices[0].device_kind} ({platform_name}), jax {jax.__version__}"),
         ("config", f"{args.config} arch={c.arch} p{c.patch_size} out_dim={c.out_dim} dtype={dtype} "
-                   f"attention={c.get('attention', 'einsum')} remat={c.get('remat', False)}"),
+                   f"attention={c.get('attention', 'einsum')} remat={c.get('remat', False)} "
+                   f"backbone_chunks={c.get('backbone_chunks', 1)}"),
         ("crops", f"2x{c.global_crop_size} + {c.local_crops_number}x{c.local_crop_size}, global batch {bsz}, "
                   f"drop_path {c.drop_path_rate}, freeze_last_layer {c.freeze_last_layer}"),
         ("compile", f"{compile_s:.2f} s" + (f"  options {compiler_options}" if compiler_options else "")),

@@ -240,3 +240,27 @@ def test_collapse_warning_on_the_demos_monitor_values():
     assert "same prototypes" in warn(0.05, 0.2)
     for same_output in [(1.09, 1.10), (5.04, 5.04), (2.63, 2.63)]:  # e18 (momentum 0.98) from step ~240
         assert "same teacher output" in warn(*same_output), same_output
+
+
+def test_backbone_chunks_give_the_same_step():
+    """config.backbone_chunks splits each crop size's batch into independent backbone calls: without drop-path
+    the step's loss and updated state must equal the unsplit step's (to float32 rounding)."""
+    batch = {"global": jax.random.normal(jax.random.PRNGKey(1), (4, 2, 32, 32, 3)),
+             "local": jax.random.normal(jax.random.PRNGKey(2), (4, 2, 16, 16, 3))}
+    results = {}
+    for chunks in (1, 2, 4):
+        c = tiny_config(drop_path_rate=0.0, batch_size=4, backbone_chunks=chunks)
+        model = dino.build_model(c)
+        state = dino.create_train_state(c, model, 10, jax.random.PRNGKey(0))
+        state, metrics = jax.jit(dino.make_train_step(c, 10))(state, batch)
+        results[chunks] = (float(metrics["loss"]), state.params, state.teacher_params, state.center)
+    for chunks in (2, 4):
+        assert abs(results[chunks][0] - results[1][0]) < 1e-5 * abs(results[1][0])
+        for a, b in zip(results[1][1:], results[chunks][1:]):
+            assert max_relative_error(a, b) < 1e-5
+
+    c = tiny_config(batch_size=4, backbone_chunks=3)
+    model = dino.build_model(c)
+    state = dino.create_train_state(c, model, 10, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="backbone_chunks=3 must divide the 8 crops of size 32"):
+        dino.make_train_step(c, 10)(state, batch)
