@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--remat", action="store_true", default=None)
     p.add_argument("--out_dim", type=int, help="prototypes K (65536 is heavy on a CPU)")
     p.add_argument("--backbone_chunks", type=int,
-                   help="independent backbone calls per crop size (config.backbone_chunks; 2 suits a 2-core CPU)")
+                   help="independent backbone calls per crop size (config.backbone_chunks; see benchmarks/README.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (python literal or string), repeatable")
     p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",

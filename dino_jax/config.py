@@ -22,7 +22,9 @@ def base_config():
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, LayerNorm, softmax and loss stay float32)
     c.attention = "einsum"  # einsum | dot_product_attention (fused kernels where the backend has them)
     c.remat = False
-    c.backbone_chunks = 1  # independent backbone calls per crop size; 2 is faster on a 2-core CPU
+    # Independent backbone calls per crop size (same maths). 2 was ~10 % faster in in-process A/B runs on a
+    # 2-core CPU but not in benchmarks/train_step.py, so 1 (benchmarks/README.md).
+    c.backbone_chunks = 1
 
     # Head.
     c.out_dim = 65536

@@ -78,12 +78,11 @@ class MultiCropModel:
             if x.shape[0] % self.chunks:
                 raise ValueError(f"backbone_chunks={self.chunks} must divide the {x.shape[0]} crops of size "
                                  f"{x.shape[1]} (crops x batch); pick a divisor of it")
+            group_rng = jax.random.fold_in(rng, i) if train and rng is not None else None
             for j, part in enumerate(jnp.split(x, self.chunks, axis=0)):
-                key = None
-                if train and rng is not None:
-                    key = jax.random.fold_in(rng, i)
-                    key = jax.random.fold_in(key, j) if self.chunks > 1 else key
-                rngs = {"drop_path": key} if key is not None else {}
+                rngs = {}
+                if group_rng is not None:  # chunks=1 keeps the unsplit step's masks
+                    rngs["drop_path"] = jax.random.fold_in(group_rng, j) if self.chunks > 1 else group_rng
                 feats.append(self.backbone.apply({"params": params["backbone"]}, part, train, rngs=rngs))
         return jnp.concatenate(feats, axis=0)
 
