@@ -190,6 +190,38 @@ def matmul_probe_tflops(jax, jnp, dtype, n: int = 2048, reps: int = 8) -> float:
     return 2 * n ** 3 / best / 1e12
 
 
+def torch_matmul_probe_tflops(torch, dtype, device, n: int = 2048, reps: int = 8) -> float:
+    """The same probe for torch's matmul (MKL on a CPU): how far the two frameworks' kernels differ on this chip."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def cpu_model() -> str:
+    """The host CPU's model name: CPU results depend on it (MKL and XLA:CPU pick kernels by vendor and ISA)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields:  # VMs often report a generic name ("AMD EPYC"); family/model tell the generation
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
 def dot_dtypes(stablehlo_text: str) -> dict:
     """Count dot_general/convolution ops of the lowered step by operand and result element types."""
     counts: dict = {}
@@ -467,7 +499,8 @@ def main(argv=None):
     mfu = achieved / total_peak
 
     rows = [
-        ("device", f"{len(devices)} x {devices[0].device_kind} ({platform_name}), jax {jax.__version__}"),
+        ("device", f"{len(devices)} x {devices[0].device_kind} ({platform_name}), jax {jax.__version__}"
+                   + (f"; host {cpu_model()}" if platform_name == "cpu" else "")),
         ("config", f"{args.config} arch={c.arch} p{c.patch_size} out_dim={c.out_dim} dtype={dtype} "
                    f"attention={c.get('attention', 'einsum')} remat={c.get('remat', False)} "
                    f"backbone_chunks={c.get('backbone_chunks', 1)}"),
@@ -501,6 +534,8 @@ def main(argv=None):
         import torch
 
         t_step = median(torch_times)
+        torch_probe_dtype = torch.bfloat16 if torch_step.autocast is not None else torch.float32
+        torch_probe = torch_matmul_probe_tflops(torch, torch_probe_dtype, torch_step.device)
         t_mem = (fmt_bytes(torch.cuda.max_memory_allocated()) + " device" if torch_step.device.type == "cuda"
                  else f"+{fmt_bytes(max(peak_rss_bytes() - rss_before_torch, 0))} RSS over JAX's (same process)")
         mode = ("fp32" if torch_step.autocast is None else "autocast bf16")
@@ -513,6 +548,8 @@ def main(argv=None):
             ("torch step CPU time", f"{median(torch_cpu):.2f} CPU-s"),
             ("torch images/s", f"{bsz / t_step:.2f}"),
             ("torch memory", t_mem),
+            ("torch matmul probe", f"{torch_probe:.3f} TFLOP/s (2048^3 {str(torch_probe_dtype).split('.')[-1]}, "
+                                   "best of 8: the CPU peak probe's matmul)"),
         ]
     width = max(len(k) for k, _ in rows)
     print("| " + "metric".ljust(width) + " | value |")

@@ -27,7 +27,7 @@ def test_harness_prints_table_and_flops(tmp_path):
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), f"--config={cfg}", "--steps", "2",
            "--repeats", "1", "--warmup", "1", "--peak_tflops", "0.1", "--set", "head_nlayers=2",
-           "--profile_steps", "1", "--profile_dir", str(tmp_path / "trace")]
+           "--profile_steps", "1", "--profile_dir", str(tmp_path / "trace"), "--compare_torch"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -41,6 +41,10 @@ def test_harness_prints_table_and_flops(tmp_path):
     stolen = re.search(r"\| CPU stolen by the host\s*\| ([\d.]+) % of (\d+) cores", text)  # Linux reports it
     assert stolen and 0 <= float(stolen.group(1)) <= 100 and int(stolen.group(2)) == os.cpu_count(), text
     assert float(re.search(r"images_per_second=([\d.]+)", text).group(1)) > 0
+    assert re.search(r"\| device .*; host \S", text), text  # CPU numbers depend on the chip: it is named
+    assert float(re.search(r"ratio_jax_over_torch=([\d.]+)", text).group(1)) > 0
+    probe = re.search(r"\| torch matmul probe\s*\| ([\d.]+) TFLOP/s \(2048\^3 float32", text)
+    assert probe and float(probe.group(1)) > 0, text
     profiled = re.findall(r"^\| ([\d.]+) \| ([\d.]+) % \| (\S+) \|$", text, re.M)
     assert profiled and sum(float(share) for _, share, _ in profiled) <= 100.5, text  # kinds of XLA:CPU thunks
     assert not any(kind.startswith("$") or "ThunkExecutor" in kind for _, _, kind in profiled), profiled
