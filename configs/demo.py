@@ -1,9 +1,10 @@
 """CPU demo: a tiny ViT trained with DINO on the built-in procedural `demo` dataset on 2 CPU cores.
 
-Measured (2026-12-01, 2-core CPU, `python -m dino_jax.main --config=configs/demo.py --workdir=/tmp/dino_demo`): the
-teacher's 20-NN goes from 17.6% at random init to 38.6% (+21.0 points; 24.2 / 35.8 / 37.2 / 38.9 / 38.6
+Measured (2026-12-02, 2-core AMD EPYC VM, `python -m dino_jax.main --config=configs/demo.py --workdir=/tmp/dino_demo`):
+the teacher's 20-NN goes from 17.6% at random init to 38.6% (+21.0 points; 24.1 / 35.8 / 37.2 / 38.9 / 38.6
 at epochs 2-10) and the attention Jaccard against the object masks from 0.206 to 0.339, in
-16 min 53 s for the whole command (116.5 img/s in training). README "CPU demo" has the curve and the runs that led here.
+12 min 45 s for the whole command (153 img/s in training; 8 min 27 s and 233 img/s with
+GLIBC_TUNABLES=glibc.malloc.arena_max=16). README "CPU demo" has the curve and the runs that led here.
 
 Values that differ from the reference recipe (configs/vits16.py), and why:
 - data: `demo` (10 classes, each one (shape, texture) pair in two tones on either side of the background; 32 px;

@@ -9,7 +9,12 @@ page clearing per step even with huge pages. With one arena that never maps larg
 trims its heap, the block is allocated once and reused: no faults, no clearing. Huge pages (2 MiB) for that heap
 cut the first-touch faults and TLB misses. glibc reads tunables only at process start, hence the re-exec.
 Measured in benchmarks/README.md ("Page faults"). Opt out with DINO_JAX_MALLOC_TUNING=0.
+
+Only where the step runs on XLA:CPU: on a TPU or GPU host there is no such block, and one arena would only make
+every tf.data thread wait on the same malloc lock (on the 2-core VM that lock already cost the CPU demo, with its
+small step, a fifth of its speed; benchmarks/README.md, 2026-12-02).
 """
+import importlib.util
 import os
 import platform
 import sys
@@ -37,16 +42,30 @@ def _supported() -> bool:
         return False
 
 
+# PJRT plugins whose presence makes JAX pick an accelerator when JAX_PLATFORMS is unset.
+ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def _step_runs_on_cpu() -> bool:
+    """Whether JAX will run the step on XLA:CPU, decided before JAX starts: JAX_PLATFORMS, else installed plugins."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
 def reexec_with_malloc_tuning():
     """Replace this process by the same command with GLIBC_TUNABLES extended by TUNABLES (same pid, argv, env).
 
     Call first thing in an entry point, before threads or large allocations exist; a no-op where the tunables are
-    already set, unsupported, or DINO_JAX_MALLOC_TUNING=0. Tunables the user set keep their values.
+    already set, unsupported, the step will not run on the CPU, or DINO_JAX_MALLOC_TUNING=0. Tunables the user set
+    keep their values.
     """
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
     names = {t.split("=")[0] for t in tunables}
     missing = [t for t in TUNABLES if t.split("=")[0] not in names]
-    if not missing or os.environ.get("DINO_JAX_MALLOC_TUNING", "1") == "0" or not _supported():
+    if (not missing or os.environ.get("DINO_JAX_MALLOC_TUNING", "1") == "0" or not _supported()
+            or not _step_runs_on_cpu()):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(tunables + missing))
     sys.stdout.flush()

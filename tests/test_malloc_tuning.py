@@ -28,7 +28,7 @@ needs_glibc = pytest.mark.skipif(not malloc_tuning._supported(),
 
 
 def run(code, *args, **env):
-    env = {k: v for k, v in dict(os.environ, PYTHONPATH=REPO, **env).items() if v is not None}
+    env = {k: v for k, v in {**os.environ, "PYTHONPATH": REPO, **env}.items() if v is not None}
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -41,6 +41,21 @@ def test_reexec_adds_the_tunables_and_keeps_argv_environment_and_the_users_value
     assert kept == "glibc.malloc.arena_max=4:glibc.foo=1:" + ":".join(malloc_tuning.TUNABLES[1:]) + " []"
     assert run(REEXEC, GLIBC_TUNABLES=ALL, DINO_JAX_MALLOC_TUNING=None) == f"{ALL} []"  # set already: no re-exec
     assert run(REEXEC, GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING="0") == "None []"
+
+
+@needs_glibc
+def test_no_reexec_when_the_step_runs_on_an_accelerator(tmp_path):
+    # A TPU/GPU host has no XLA:CPU step block to keep, and one arena would serialise tf.data's mallocs.
+    assert run(REEXEC, GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None, JAX_PLATFORMS="tpu") == "None []"
+    assert run(REEXEC, GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None, JAX_PLATFORMS="cuda,cpu") == "None []"
+    assert run(REEXEC, GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None, JAX_PLATFORMS="cpu") == f"{ALL} []"
+    plugin = tmp_path / "jax_cuda12_plugin"  # an installed CUDA plugin makes JAX pick the GPU when unset
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text("")
+    env = dict(GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None, JAX_PLATFORMS=None,
+               PYTHONPATH=REPO + os.pathsep + str(tmp_path))
+    assert run(REEXEC, **env) == "None []"
+    assert run(REEXEC, **dict(env, JAX_PLATFORMS="cpu")) == f"{ALL} []"  # unless the user asks for the CPU
 
 
 @needs_glibc
