@@ -176,18 +176,23 @@ def xla_flops(compiled):
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def best_matmul_tflops(run_matmul, n: int, reps: int) -> float:
+    """Throughput of the fastest of `reps` calls of `run_matmul` (one n x n x n matmul, finished when it returns)."""
+    run_matmul()  # compile / warm up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_matmul()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
 def matmul_probe_tflops(jax, jnp, dtype, n: int = 2048, reps: int = 8) -> float:
     """Best-of-`reps` throughput of one jitted n x n x n matmul on the default device (the CPU 'peak')."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e12
+    return best_matmul_tflops(lambda: f(a, b).block_until_ready(), n, reps)
 
 
 def torch_matmul_probe_tflops(torch, dtype, device, n: int = 2048, reps: int = 8) -> float:
@@ -195,15 +200,7 @@ def torch_matmul_probe_tflops(torch, dtype, device, n: int = 2048, reps: int = 8
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e12
+    return best_matmul_tflops(lambda: (a @ b, sync()), n, reps)
 
 
 def cpu_model() -> str:

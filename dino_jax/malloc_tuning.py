@@ -12,7 +12,7 @@ Measured in benchmarks/README.md ("Page faults"). Opt out with DINO_JAX_MALLOC_T
 
 Only where the step runs on XLA:CPU: on a TPU or GPU host there is no such block, and one arena would only make
 every tf.data thread wait on the same malloc lock (on the 2-core VM that lock already cost the CPU demo, with its
-small step, a fifth of its speed; benchmarks/README.md, 2026-12-02).
+small step, a third of its speed; benchmarks/README.md, 2026-12-02).
 """
 import importlib.util
 import os
