@@ -1,0 +1,258 @@
+"""Whole training steps compared with the PyTorch reference (tests/torch_reference.py) update by update.
+
+For every tensor of the student, the teacher and the center, and for every step, the error is
+||Δ_jax - Δ_ref|| / ||Δ_ref|| with Δ = value after the step - value before and the reference run in float64.
+The bound comes from float32's own noise: 10x the float32 reference's error on the same Δ, plus a small floor.
+The runs are long and fast enough for every rule to show: 3 epochs of 2 steps with lr warm-up, a teacher
+temperature warm-up over all 3 epochs, the prototypes frozen for the first epoch, weight decay on its cosine,
+per-step updates ~1e-3 of the weights, a teacher that starts away from the student, and clipping that fires.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as R
+from conftest import tiny_config
+from dino_jax import convert, dino
+
+SPE = 2  # steps per epoch
+TOLERANCE = 10.0  # x the float32 reference's own error
+FLOOR = 2e-6  # relative; below it both float32 implementations are at rounding level
+
+# Peak per-step lr (per 256 images it is lr * 256 / batch) and weight decay big enough to show in one step.
+RECIPES = {
+    "adamw": dict(optimizer="adamw", lr=1e-3, weight_decay=0.5, weight_decay_end=2.0),
+    "sgd": dict(optimizer="sgd", lr=0.1, weight_decay=0.5, weight_decay_end=2.0),
+    "lars": dict(optimizer="lars", lr=1.0, weight_decay=0.5, weight_decay_end=2.0),
+}
+
+
+def make_config(optimizer, batch_size=4, **overrides):
+    recipe = dict(RECIPES[optimizer])
+    recipe["lr"] *= 256 / batch_size
+    c = tiny_config(drop_path_rate=0.0, batch_size=batch_size, epochs=3, warmup_epochs=1, min_lr=1e-5,
+                    clip_grad=0.3, freeze_last_layer=1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    warmup_teacher_temp_epochs=3, momentum_teacher=0.9, **recipe)
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def make_batches(c, seed=0):
+    rng = np.random.default_rng(seed)
+    g, l = c.global_crop_size, c.local_crop_size
+    return [(rng.normal(size=(c.batch_size, 2, g, g, 3)).astype(np.float32),
+             rng.normal(size=(c.batch_size, c.local_crops_number, l, l, 3)).astype(np.float32))
+            for _ in range(c.epochs * SPE)]
+
+
+def reference_models(c):
+    backbone_kwargs = dict(img_size=c.global_crop_size, embed_dim=c.embed_dim, depth=c.depth,
+                           num_heads=c.num_heads)
+    return R.build_student_teacher(
+        lambda patch_size, **kw: R.VisionTransformer(patch_size=patch_size, **kw), c.patch_size, c.out_dim, 0.0,
+        use_bn_in_head=c.use_bn_in_head, norm_last_layer=c.norm_last_layer, backbone_kwargs=backbone_kwargs,
+        head_kwargs=dict(hidden_dim=c.head_hidden_dim, bottleneck_dim=c.head_bottleneck_dim))
+
+
+def initial_weights(c, seed=0):
+    """Reference-initialised student; every tensor moved off its special init (zero biases, unit scales, g = 1)
+    and the teacher moved away from the student, so a wrong EMA direction or a dropped decay shows."""
+    torch.manual_seed(seed)
+    student, teacher = reference_models(c)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "weight_g" not in name:
+                p.add_(0.02 * torch.randn_like(p))
+            elif not c.norm_last_layer:
+                p.uniform_(0.5, 1.5)
+        teacher.load_state_dict(student.state_dict())
+        for name, p in teacher.named_parameters():
+            if "weight_g" not in name:
+                p.add_(0.01 * torch.randn_like(p))
+            elif not c.norm_last_layer:
+                p.mul_(torch.empty_like(p).uniform_(0.9, 1.1))
+    return student.state_dict(), teacher.state_dict()
+
+
+def _snapshot(student, teacher, center):
+    out = {f"student.{k}": v.detach().numpy().astype(np.float64) for k, v in student.state_dict().items()}
+    out.update({f"teacher.{k}": v.detach().numpy().astype(np.float64) for k, v in teacher.state_dict().items()})
+    out["center"] = center.detach().numpy().astype(np.float64)
+    return out
+
+
+def reference_run(c, init, batches, dtype):
+    """The reference's training loop in `dtype`: snapshots before and after every step, and the number of
+    gradient tensors clipping rescaled at each step."""
+    student, teacher = reference_models(c)
+    student.load_state_dict(init[0])
+    teacher.load_state_dict(init[1])
+    student.to(dtype), teacher.to(dtype)
+    ncrops = 2 + c.local_crops_number
+    loss = R.DINOLoss(c.out_dim, ncrops, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs,
+                      c.epochs, c.student_temp, c.center_momentum).to(dtype)
+    opt = R.build_optimizer(student, c.optimizer)
+    n = c.epochs * SPE
+    lr = R.cosine_scheduler(c.lr * c.batch_size / 256, c.min_lr, c.epochs, SPE, c.warmup_epochs)
+    wd = R.cosine_scheduler(c.weight_decay, c.weight_decay_end, c.epochs, SPE)
+    momentum = R.cosine_scheduler(c.momentum_teacher, 1, c.epochs, SPE)
+    snaps, clipped = [_snapshot(student, teacher, loss.center)], []
+    for it, (g, loc) in enumerate(batches[:n]):
+        images = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype)
+                  for x in list(g.swapaxes(0, 1)) + list(loc.swapaxes(0, 1))]
+        R.train_step(student, teacher, loss, opt, images, it // SPE, it, lr, wd, momentum, c.clip_grad,
+                     c.freeze_last_layer)
+        # Gradients left at the clip norm are the ones clipping rescaled (the frozen prototypes have none).
+        norms = [p.grad.norm().item() for p in student.parameters() if p.grad is not None]
+        clipped.append(sum(abs(x - c.clip_grad) < 1e-4 * c.clip_grad for x in norms))
+        snaps.append(_snapshot(student, teacher, loss.center))
+    return snaps, clipped
+
+
+def jax_run(c, init, batches, devices=1):
+    """The project's own step (dino.create_train_state / make_train_step) from the same weights; snapshots in
+    the reference's state-dict layout."""
+    from dino_jax import sharding
+
+    model, rng = dino.build_model(c), jax.random.PRNGKey(0)
+    # The state's structure, optimiser and model from create_train_state, without its eager random init.
+    state = jax.eval_shape(lambda r: dino.create_train_state(c, model, SPE, r), rng)
+    params = jax.tree.map(jnp.asarray, convert.torch_to_flax(init[0], norm_last_layer=c.norm_last_layer))
+    teacher = jax.tree.map(jnp.asarray, convert.torch_to_flax(init[1], norm_last_layer=c.norm_last_layer))
+    assert jax.tree.structure(params) == jax.tree.structure(state.params)
+    state = state.replace(step=jnp.zeros([], jnp.int32), params=params, teacher_params=teacher,
+                          opt_state=jax.jit(state.tx.init)(params), center=jnp.zeros(state.center.shape),
+                          rng=jax.random.PRNGKey(1))
+    mesh = sharding.make_mesh()
+    assert mesh.size == devices, mesh
+    step = sharding.jit_train_step(dino.make_train_step(c, SPE), mesh)
+    state = sharding.shard_state(state, mesh)
+
+    def snapshot(state):
+        params, teacher, center = jax.device_get((state.params, state.teacher_params, state.center))
+        out = {f"student.{k}": v.numpy().astype(np.float64)
+               for k, v in convert.flax_to_torch(params, include_head=True).items()}
+        out.update({f"teacher.{k}": v.numpy().astype(np.float64)
+                    for k, v in convert.flax_to_torch(teacher, include_head=True).items()})
+        out["center"] = np.asarray(center, np.float64)
+        return out
+
+    snaps, losses = [snapshot(state)], []
+    for g, loc in batches:
+        batch = jax.device_put({"global": g, "local": loc}, sharding.batch_sharding(mesh))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        snaps.append(snapshot(state))
+    return snaps, losses
+
+
+def _matching_keys(snap_ref, snap_jax):
+    """The reference's keys (backbone.* prefixes dropped) that both runs hold; BatchNorm buffers left out."""
+    keys = {}
+    for k in snap_ref:
+        kj = k.replace(".backbone.", ".")
+        if kj in snap_jax and "running_" not in k and "num_batches" not in k:
+            keys[k] = kj
+    return keys
+
+
+def _delta(a, b, key):
+    d = b[key] - a[key]
+    if key.endswith("attn.qkv.bias"):  # the key bias: exactly zero gradient, Adam turns noise into updates
+        third = d.shape[-1] // 3
+        d = np.concatenate([d[:third], d[2 * third:]])
+    return d.ravel()
+
+
+def update_errors(ref64, ref32, got):
+    """Per step and tensor: (error of `got`, error of the float32 reference, ||Δ_ref64||), errors relative."""
+    keys = _matching_keys(ref64[0], got[0])
+    missing = {k for k in ref64[0] if "running_" not in k and "num_batches" not in k} - set(keys)
+    assert not missing, f"tensors the JAX state lacks: {sorted(missing)}"
+    out = []
+    for t in range(len(ref64) - 1):
+        step = {}
+        for k, kj in keys.items():
+            want = _delta(ref64[t], ref64[t + 1], k)
+            scale = np.linalg.norm(want)
+            d32 = np.linalg.norm(_delta(ref32[t], ref32[t + 1], k) - want)
+            dj = np.linalg.norm(_delta(got[t], got[t + 1], kj) - want)
+            step[k] = (dj / scale, d32 / scale, scale) if scale > 0 else (dj, d32, 0.0)
+        out.append(step)
+    return out
+
+
+def check(c, got, label):
+    """The reference in float64 and float32 from the same weights and batches; every update within bounds."""
+    init = initial_weights(c)
+    batches = make_batches(c)
+    ref64, clipped = reference_run(c, init, batches, torch.float64)
+    ref32, _ = reference_run(c, init, batches, torch.float32)
+    got = got(init, batches)
+    errors = update_errors(ref64, ref32, got)
+    worst_ratio, failures = 0.0, []
+    for t, step in enumerate(errors):
+        for k, (ej, e32, scale) in step.items():
+            bound = TOLERANCE * e32 + FLOOR
+            worst_ratio = max(worst_ratio, ej / bound)
+            if ej > bound:
+                failures.append(f"step {t} {k}: {ej:.2e} > {bound:.2e} (float32 ref {e32:.2e}, |Δ| {scale:.1e})")
+    worst_jax = max(max(e[0] for e in step.values()) for step in errors)
+    worst_32 = max(max(e[1] for e in step.values()) for step in errors)
+    print(f"{label}: worst JAX error {worst_jax:.2e}, worst float32-reference error {worst_32:.2e}, "
+          f"worst error/bound {worst_ratio:.2f}, tensors clipped per step {clipped}")
+    assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} in all)"
+    epochs = [sum(clipped[e:e + SPE]) for e in range(0, len(clipped), SPE)]
+    assert min(epochs) > 0, f"clipping must fire in every epoch: {clipped}"
+    return errors
+
+
+@pytest.mark.parametrize("optimizer,norm_last_layer", [("adamw", True), ("adamw", False), ("sgd", True),
+                                                        ("lars", False)])
+def test_updates_match_reference(optimizer, norm_last_layer):
+    c = make_config(optimizer, norm_last_layer=norm_last_layer)
+    errors = check(c, lambda init, batches: jax_run(c, init, batches)[0], f"{optimizer} nll={norm_last_layer}")
+    # The prototypes are frozen during epoch 0 and move afterwards, in both implementations.
+    frozen = [step["student.head.last_layer.weight_v"][2] for step in errors]
+    assert frozen[:SPE] == [0.0] * SPE and min(frozen[SPE:]) > 0, frozen
+
+
+_EIGHT_DEVICES = r"""
+import pickle, sys
+sys.path.insert(0, {tests!r})
+import test_update_parity as T
+with open({path!r}, "rb") as f:
+    c, init, batches = pickle.load(f)
+with open({path!r}, "wb") as f:
+    pickle.dump(T.jax_run(c, init, batches, devices=8)[0], f)
+"""
+
+
+def _jax_run_on_8_devices(c, init, batches, tmp_path):
+    path = str(tmp_path / "run.pkl")
+    with open(path, "wb") as f:
+        pickle.dump((c, init, batches), f)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", _EIGHT_DEVICES.format(tests=os.path.dirname(__file__), path=path)],
+                   env=env, check=True)
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_batchnorm_head_updates_match_reference(devices, tmp_path):
+    """use_bn_in_head: the head's batch statistics are over all crops of the global batch (SyncBatchNorm)."""
+    c = make_config("adamw", batch_size=8, use_bn_in_head=True, norm_last_layer=False)
+    if devices == 1:
+        run = lambda init, batches: jax_run(c, init, batches)[0]  # noqa: E731
+    else:
+        run = lambda init, batches: _jax_run_on_8_devices(c, init, batches, tmp_path)  # noqa: E731
+    check(c, run, f"bn head, {devices} device(s)")
