@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 import torch_reference as R  # noqa: E402
 from conftest import max_relative_error, tiny_config  # noqa: E402

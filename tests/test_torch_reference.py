@@ -3,8 +3,7 @@ import math
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 import torch_reference as R  # noqa: E402  (tests/ is on sys.path via conftest)
 
