@@ -4,6 +4,8 @@ Names follow the reference's command-line arguments, so `--config.lr=...` means 
 Differences: `batch_size` is the GLOBAL batch (the reference's batch_size_per_gpu times the GPU count), and the
 dataset is a spec string (`tfds:NAME[:split]`, `folder:PATH` or `demo`).
 """
+from __future__ import annotations
+
 import ml_collections
 
 
@@ -85,4 +87,89 @@ def base_config():
     c.checkpoint_every_steps = 1000
     c.keep_every_epochs = 20  # the reference's saveckp_freq
     c.max_checkpoints = 3
+    # Keys (comma-separated) allowed to differ from the checkpoint's config when resuming, e.g. "lr,seed"; see
+    # RESUME_SAFE / RESUME_REFUSED below for the keys that never need it / can never change.
+    c.allow_resume_changes = ""
     return c
+
+
+# Resuming from a checkpoint with a changed config (train._check_resumable): these keys change what the saved arrays
+# mean or where the run is in its schedules, so a change is refused ...
+RESUME_REFUSED = frozenset({
+    "arch", "embed_dim", "depth", "num_heads", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head",
+    "head_nlayers", "head_hidden_dim", "head_bottleneck_dim", "optimizer", "epochs", "batch_size", "dataset"})
+# ... these change nothing in the saved state, its schedules or the data order, so a change is fine ...
+RESUME_SAFE = frozenset({
+    "stop_after_epochs", "data_dir", "attention", "remat", "backbone_chunks", "skip_nonfinite_steps",
+    "eval_every_epochs", "eval_train_dataset", "eval_dataset", "eval_resize_size", "eval_crop_size",
+    "eval_batch_size", "eval_max_train_examples", "nb_knn", "knn_temperature", "attention_images",
+    "attention_threshold", "log_every_steps", "checkpoint_every_steps", "keep_every_epochs", "max_checkpoints",
+    "allow_resume_changes"})
+# ... and every other key (lr, seed, schedules' values, augmentation, ...) changes the course of the run: allowed
+# only when listed in allow_resume_changes, and logged.
+
+
+class UserError(ValueError):
+    """A mistake in the command (config, workdir, data, checkpoint): main.py prints the message alone, no traceback."""
+
+
+def validate(c) -> None:
+    """Raise UserError naming the first invalid value: run before any data, model or workdir work."""
+    from dino_jax.models.vit import ARCHS
+
+    def bad(key, why):
+        raise UserError(f"--config.{key}={c[key]!r}: {why}")
+
+    choices = {"optimizer": ("adamw", "sgd", "lars"), "dtype": ("float32", "bfloat16"),
+               "attention": ("einsum", "dot_product_attention"), "pos_embed_interp": ("offset", "exact"),
+               "arch": (*sorted(ARCHS), "vit_custom")}
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            bad(key, f"unknown value; use one of {', '.join(allowed)}")
+    for key in ("batch_size", "epochs", "patch_size", "log_every_steps", "checkpoint_every_steps", "out_dim"):
+        if not isinstance(c[key], int) or c[key] < 1:
+            bad(key, "must be a whole number >= 1")
+    for key in ("stop_after_epochs", "warmup_epochs", "local_crops_number", "keep_every_epochs", "eval_every_epochs"):
+        if not isinstance(c[key], int) or c[key] < 0:
+            bad(key, "must be a whole number >= 0")
+    if c.warmup_epochs > c.epochs:
+        bad("warmup_epochs", f"longer than the run (epochs={c.epochs})")
+    for key in ("global_crop_size", "local_crop_size"):
+        if c[key] < c.patch_size or c[key] % c.patch_size:
+            bad(key, f"must be a multiple of patch_size={c.patch_size} (the ViT cuts crops into whole patches)")
+    for key in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = c[key]
+        if not 0 < lo <= hi <= 1:
+            bad(key, "must be (min, max) with 0 < min <= max <= 1 (fractions of the image area)")
+    for key in ("dataset", "eval_train_dataset", "eval_dataset"):
+        if c[key] or key == "dataset":
+            problem = dataset_spec_problem(c[key])
+            if problem:
+                bad(key, problem)
+    unknown = [k for k in allowed_resume_changes(c) if k not in c]
+    if unknown:
+        bad("allow_resume_changes", f"no config key called {', '.join(map(repr, unknown))}")
+
+
+def allowed_resume_changes(c) -> list:
+    return [k.strip() for k in (c.allow_resume_changes or "").split(",") if k.strip()]
+
+
+def dataset_spec_problem(spec) -> str | None:
+    """What is wrong with a dataset spec string (see data.sources.load_source), or None."""
+    if not isinstance(spec, str):
+        return "a dataset spec is a string: tfds:NAME[:SPLIT], folder:PATH or demo[:SPLIT][:N]"
+    kind, _, rest = spec.partition(":")
+    if kind == "tfds" and not rest.partition(":")[0]:
+        return "expected tfds:NAME[:SPLIT], e.g. tfds:imagenet2012:train"
+    if kind == "folder" and not rest:
+        return "expected folder:PATH with PATH/<class>/<image files>"
+    if kind == "demo":
+        parts = rest.split(":") if rest else []
+        if len(parts) > 2 or (parts and parts[0] not in ("train", "val")) or (
+                len(parts) == 2 and not (parts[1].isdigit() and int(parts[1]) > 0)):
+            return "expected demo[:SPLIT][:N] with SPLIT train or val and N a number of examples >= 1"
+        return None
+    if kind not in ("tfds", "folder"):
+        return f"unknown kind {kind!r}; use tfds:NAME[:SPLIT], folder:PATH or demo[:SPLIT][:N]"
+    return None

@@ -14,8 +14,10 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from dino_jax import checkpoint, dino, sharding
+from dino_jax import checkpoint, dino, paths, sharding
+from dino_jax import config as config_lib
 
 
 class TrainingStopped(RuntimeError):
@@ -23,27 +25,46 @@ class TrainingStopped(RuntimeError):
 
 
 class Writer:
-    """metrics.jsonl + TensorBoard events, written by process 0 only."""
+    """metrics.jsonl + TensorBoard events, written by process 0 only, through `paths` (so also to a bucket).
+
+    TensorBoard events are written with tensorboard's record format rather than tf.summary, whose files go through
+    TensorFlow's own filesystems and so could not follow the path layer. One events file per process start, as
+    tf.summary does. On a URL both files are uploaded every 30 s and at flush(): flush before each checkpoint so that
+    a resumed run loses no line.
+    """
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            import tensorflow as tf  # tf.summary; the data pipeline imports TF anyway
+            import socket
 
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
-            self.tf = tf
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            self.jsonl = paths.GrowingFile(paths.join(workdir, "metrics.jsonl"))
+            name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.dino_jax.v2"
+            self.tb = RecordWriter(paths.GrowingFile(paths.join(workdir, "tb", name)))
+            self.tb.write(self._event(0, file_version="brain.Event:2"))
+
+    @staticmethod
+    def _event(step, **fields) -> bytes:
+        from tensorboard.compat.proto import event_pb2
+
+        return event_pb2.Event(wall_time=time.time(), step=step, **fields).SerializeToString()
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
-        with self.tb.as_default(step=step):
-            for k, v in scalars.items():
-                if isinstance(v, (int, float)):
-                    self.tf.summary.scalar(k, v)
-        self.tb.flush()
+        from tensorboard.compat.proto import summary_pb2
+
+        self.jsonl.write((json.dumps({"step": step, **scalars}) + "\n").encode())
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()
+                  if isinstance(v, (int, float))]
+        self.tb.write(self._event(step, summary=summary_pb2.Summary(value=values)))
+
+    def flush(self):
+        if self.enabled:
+            self.jsonl.flush()
+            self.tb.flush()
 
     def close(self):
         if self.enabled:
@@ -51,15 +72,69 @@ class Writer:
             self.tb.close()
 
 
+class StopRequest:
+    """SIGTERM (or the platform's preemption notice) as a stop at one step that every process agrees on.
+
+    Asked after each step is dispatched; True means: save this step and exit. One process: a SIGTERM handler sets a
+    flag. Several: JAX's preemption sync manager, because a process cannot stop alone (the others would wait in the
+    next step's collectives) and each process's Python loop runs ahead of its device by a different amount.
+    jax.distributed catches SIGTERM on every process; on a notice from any of them the coordination service takes
+    the largest step number any process has reached, plus one, as the stop step. A check costs ~15 us and no device
+    work. The service must see the step numbers from the first one on (a notice before the first check would pick
+    step 1), hence `first_step` as early as possible; orbax asks it the same question at each save.
+    """
+
+    def __init__(self, first_step: int):
+        self.reason = None
+        self._signum = None
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if self._multi:
+            try:
+                multihost_utils.reached_preemption_sync_point(first_step)
+            except RuntimeError as e:  # jax_enable_preemption_service is off
+                logging.warning("a SIGTERM will stop this run without a checkpoint: %s", e)
+                self._multi = None
+
+    def install(self):
+        if self._multi is False:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self._signum = signum
+
+    def __call__(self, step: int) -> bool:
+        if self._multi:
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.reason = (f"preemption notice (SIGTERM to one of the {jax.process_count()} processes): every "
+                               f"process stops at step {step}")
+                return True
+        elif self._signum is not None:
+            self.reason = f"signal {self._signum} received"
+            return True
+        return False
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def _prepare_workdir(workdir: str):
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        paths.check_writable(workdir, f"--workdir={workdir}")
     except OSError as e:
-        raise OSError(f"cannot write to --workdir={workdir} ({e.strerror}); choose a folder you can write to") from e
+        raise config_lib.UserError(str(e)) from e
+
+
+def _open_source(spec, **kwargs):
+    """data.sources.load_source, its complaints about the spec or the files as UserErrors (one line, no traceback)."""
+    from dino_jax.data import sources
+
+    try:
+        return sources.load_source(spec, **kwargs)
+    except (ValueError, OSError) as e:
+        raise config_lib.UserError(str(e)) from e
 
 
 def _log_setup(config, mesh, spe, num_examples):
@@ -75,17 +150,17 @@ class Evaluator:
     """k-NN on the labelled eval split and attention maps of a few fixed validation images (teacher backbone)."""
 
     def __init__(self, config, model, mesh, workdir):
-        from dino_jax.data import pipeline, sources
+        from dino_jax.data import pipeline
 
         self.config, self.model, self.mesh, self.workdir = config, model, mesh, workdir
         self.enabled = bool(config.eval_dataset and config.eval_train_dataset)
         if not self.enabled:
             return
-        self.bank = sources.load_source(config.eval_train_dataset, data_dir=config.data_dir,
-                                        image_size=config.global_crop_size, grayscale=config.grayscale_input,
-                                        max_examples=config.eval_max_train_examples or None)
-        self.queries = sources.load_source(config.eval_dataset, data_dir=config.data_dir,
-                                           image_size=config.global_crop_size, grayscale=config.grayscale_input)
+        self.bank = _open_source(config.eval_train_dataset, data_dir=config.data_dir,
+                                 image_size=config.global_crop_size, grayscale=config.grayscale_input,
+                                 max_examples=config.eval_max_train_examples or None)
+        self.queries = _open_source(config.eval_dataset, data_dir=config.data_dir,
+                                    image_size=config.global_crop_size, grayscale=config.grayscale_input)
         self.pipeline = pipeline
         self.num_classes = self.queries.num_classes
 
@@ -115,7 +190,7 @@ class Evaluator:
             out["attention_jaccard"] = attention.attention_jaccard(backbone, params, images, masks,
                                                                    c.patch_size, c.attention_threshold)
         if jax.process_index() == 0:
-            attention.save_attention_grid(os.path.join(self.workdir, "attention", f"{tag}.png"), backbone, params,
+            attention.save_attention_grid(paths.join(self.workdir, "attention", f"{tag}.png"), backbone, params,
                                           images[: c.attention_images], c.patch_size, c.attention_threshold)
         out["eval_seconds"] = time.time() - t0
         return out
@@ -135,18 +210,17 @@ class Evaluator:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (resuming from WORKDIR if it holds a checkpoint), evaluate periodically, write summary.json."""
-    from dino_jax.data import pipeline, sources
+    from dino_jax.data import pipeline
 
+    config_lib.validate(config)
     _prepare_workdir(workdir)
+    stop_request = StopRequest(checkpoint.latest_step(workdir) or 0)
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh)
-    source = sources.load_source(config.dataset, data_dir=config.data_dir, image_size=config.global_crop_size,
-                                 grayscale=config.grayscale_input)
+    source = _open_source(config.dataset, data_dir=config.data_dir, image_size=config.global_crop_size,
+                          grayscale=config.grayscale_input)
     spe = pipeline.steps_per_epoch(source.num_examples, config.batch_size)
     total_steps = spe * config.epochs  # the schedules' length
-    if config.stop_after_epochs < 0:
-        raise ValueError(f"--config.stop_after_epochs={config.stop_after_epochs}: use 0 (train the whole schedule) or "
-                         f"a number of epochs N >= 1 (train the first N of the {config.epochs})")
     end_step = min(total_steps, spe * config.stop_after_epochs) if config.stop_after_epochs > 0 else total_steps
     if end_step < total_steps:
         logging.info("stop_after_epochs=%d: training stops after step %d of the %d-step schedule",
@@ -158,22 +232,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = sharding.shard_state(state, mesh)
     ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                                    max_to_keep=config.max_checkpoints, keep_period=config.keep_every_epochs * spe)
-    meta = {"config": config.to_dict(), "steps_per_epoch": spe, "summary": {}}
+    summary = {}
     if ckpt.latest_step() is not None:
-        # Check the architecture first: restoring another architecture's arrays fails with an opaque shape error.
-        _check_resumable(ckpt.restore_meta(), config, spe, ckpt.directory)
-        if ckpt.latest_step() > end_step:  # resuming would save that state again under the earlier step number
-            raise ValueError(f"{ckpt.directory} holds a checkpoint at step {ckpt.latest_step()}, past where this run "
-                             f"stops (step {end_step}: epochs={config.epochs}, stop_after_epochs="
-                             f"{config.stop_after_epochs}). Raise them, or use another --workdir.")
-        state, meta = ckpt.restore(state, sharding.replicated(mesh))
+        def check(step, saved):  # before the arrays are read: another architecture fails there opaquely
+            _check_resumable(saved, config, spe, ckpt.directory)
+            if step > end_step:  # resuming would save that state again under the earlier step number
+                raise config_lib.UserError(
+                    f"{ckpt.directory} holds a checkpoint at step {step}, past where this run stops (step {end_step}: "
+                    f"epochs={config.epochs}, stop_after_epochs={config.stop_after_epochs}). Raise them, or use "
+                    "another --workdir.")
+
+        state, saved = ckpt.restore(state, sharding.replicated(mesh), check_meta=check)
+        summary = dict(saved.get("summary", {}))
         logging.info("resumed from %s at step %d (epoch %d)", ckpt.directory, int(state.step), int(state.step) // spe)
+    meta = {"config": config.to_dict(), "steps_per_epoch": spe}  # what later checkpoints record: the config in force
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        paths.write_json(paths.join(workdir, "config.json"), config.to_dict(), indent=2, default=str)
 
     evaluator = Evaluator(config, model, mesh, workdir)
-    summary = dict(meta.get("summary", {}))
     if int(state.step) == 0 and evaluator.enabled:  # the same architecture at its initialisation, same protocol
         init = evaluator(state.teacher_params, "init")
         summary.update({f"{k}_random_init": v for k, v in init.items() if k in ("knn_top1", "attention_jaccard")})
@@ -187,9 +263,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         global_crops_scale=tuple(config.global_crops_scale), local_crops_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number, blur_sigma=tuple(config.blur_sigma))
 
-    stop_signal = {"received": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.update(received=signum))
     writer = Writer(workdir)
+    stop_request.install()
     pending, last_saved = [], (ckpt.latest_step() or 0)
     t_start = t_window = time.time()
     session_seconds = 0.0  # training time of this process (excludes evaluation), for images/s and the ETA
@@ -202,7 +277,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pending.append((step, metrics))
             done = step + 1
             epoch_end = done % spe == 0
-            if done % config.log_every_steps == 0 or epoch_end or done == end_step or stop_signal["received"]:
+            stop = stop_request(done)
+            if done % config.log_every_steps == 0 or epoch_end or done == end_step or stop:
                 last = _drain(pending, config, writer, ckpt, last_saved)  # waits for the device: timing is true
                 now = time.time()
                 train_seconds += now - t_window
@@ -219,36 +295,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if warning:
                     logging.warning("step %d: %s", done, warning)
             eval_due = epoch_end and config.eval_every_epochs and (done // spe) % config.eval_every_epochs == 0
-            if eval_due or done == end_step:  # both are log steps, so the metrics are already drained
+            if (eval_due or done == end_step) and not stop:  # log steps, so the metrics are already drained
                 results = evaluator(state.teacher_params, f"epoch{done // spe:04d}")
                 if results:
                     logging.info("evaluation at epoch %d: %s", done // spe, _fmt(results))
                     writer.write(done, results)
                     summary.update(results)
                 t_window = time.time()  # evaluation time is not training time
-            if done % config.checkpoint_every_steps == 0 or epoch_end or stop_signal["received"]:
+            if done % config.checkpoint_every_steps == 0 or epoch_end or stop:
                 _drain(pending, config, writer, ckpt, last_saved)
+                writer.flush()  # on a bucket the lines so far are uploaded now, so a resume from here loses none
                 meta = {**meta, "summary": {**summary, "train_seconds": train_seconds}, "epoch": done // spe}
-                if ckpt.save(done, state, meta, force=bool(stop_signal["received"]) or epoch_end):
+                if ckpt.save(done, state, meta, force=stop or epoch_end):
                     last_saved = done
-            if stop_signal["received"]:
-                logging.warning("signal %d received: saved a checkpoint at step %d; exiting", stop_signal["received"],
-                                done)
+            if stop:
                 ckpt.close()
+                logging.warning("%s: saved a checkpoint at step %d; exiting", stop_request.reason, done)
                 writer.close()
                 raise SystemExit(0)
         if ckpt.latest_step() != end_step:
             ckpt.save(end_step, state, {**meta, "summary": summary, "epoch": end_step // spe}, force=True)
         ckpt.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop_request.close()
         batches.close()
+        writer.close()
     summary.update({"epochs": end_step // spe, "steps": end_step, "wall_seconds": time.time() - t_start,
                     "train_seconds": train_seconds,
                     "images_per_second": (end_step - start_step) * config.batch_size / max(session_seconds, 1e-9)})
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        paths.write_json(paths.join(workdir, "summary.json"), summary, indent=2)
     logging.info("done: %s", _fmt(summary))
     ckpt.close()
     writer.close()
@@ -282,15 +358,40 @@ def _drain(pending, config, writer, ckpt, last_saved) -> dict:
 
 
 def _check_resumable(meta, config, spe, directory):
-    saved = meta.get("config", {})
-    for key in ("arch", "patch_size", "out_dim", "embed_dim", "depth", "num_heads", "norm_last_layer",
-                "use_bn_in_head", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
-        if key in saved and saved[key] != config[key]:
-            raise ValueError(f"{directory} holds a checkpoint with {key}={saved[key]!r}, but the config says "
-                             f"{config[key]!r}. Use another --workdir, or --config.{key}={saved[key]!r} to resume.")
-    if meta.get("steps_per_epoch", spe) != spe:
-        logging.warning("steps per epoch changed from %s to %d (batch size or dataset changed): schedules follow the "
-                        "new value", meta.get("steps_per_epoch"), spe)
+    """Compare the checkpoint's config with this one key by key (config.RESUME_REFUSED / RESUME_SAFE say which
+    changes are refused, fine, or need --config.allow_resume_changes); log what proceeds."""
+    saved, now = _plain(meta.get("config", {})), _plain(config.to_dict())
+    changed = {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if saved[k] != now[k]}
+    refused = {k: v for k, v in changed.items() if k in config_lib.RESUME_REFUSED}
+    if refused:
+        raise config_lib.UserError(
+            f"{directory} holds a checkpoint of a run with another "
+            + "; ".join(f"{k} ({old!r} there, {new!r} now)" for k, (old, new) in refused.items())
+            + ": it cannot resume with these changed. Use another --workdir, or resume with the checkpoint's value"
+            + ("s" if len(refused) > 1 else "") + ": " + " ".join(f"--config.{k}={old}" for k, (old, _) in refused.items()))
+    saved_spe = meta.get("steps_per_epoch", spe)
+    if saved_spe != spe:
+        raise config_lib.UserError(
+            f"{directory} holds a checkpoint of a run with {saved_spe} steps per epoch, and dataset={config.dataset} "
+            f"at batch_size={config.batch_size} now gives {spe} (the dataset's size changed): the schedules would "
+            "jump. Use another --workdir, or restore the dataset the run started with.")
+    allowed = set(config_lib.allowed_resume_changes(config))
+    unlisted = {k: v for k, v in changed.items() if k not in config_lib.RESUME_SAFE and k not in allowed}
+    if unlisted:
+        raise config_lib.UserError(
+            f"{directory} holds a checkpoint of a run with another "
+            + "; ".join(f"{k} ({old!r} there, {new!r} now)" for k, (old, new) in unlisted.items())
+            + ". To resume with these changes say so: --config.allow_resume_changes=" + ",".join(unlisted)
+            + "; or resume with the checkpoint's values (" + " ".join(f"--config.{k}={old}" for k, (old, _) in
+                                                                   unlisted.items()) + "), or use another --workdir.")
+    for k, (old, new) in changed.items():
+        log = logging.info if k in config_lib.RESUME_SAFE else logging.warning
+        log("resuming with %s=%r (the checkpoint's run had %r)", k, new, old)
+
+
+def _plain(tree):
+    """A config dict as its JSON form (tuples as lists), so a saved config and a live one compare."""
+    return json.loads(json.dumps(tree, default=str))
 
 
 def _hms(seconds: float) -> str:

@@ -303,6 +303,7 @@ def test_stop_after_epochs_then_finish_and_no_rewind(tmp_path, tiny):
 
 def test_unwritable_workdir_fails_before_any_work(tmp_path, tiny):
     from dino_jax import train
+    from dino_jax.config import UserError
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -313,7 +314,7 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path, tiny):
         ro.chmod(0o500)
         bad.append(str(ro / "run"))
     for workdir in bad:
-        with pytest.raises(OSError, match=re.escape(f"cannot write to --workdir={workdir}") + ".*choose a folder"):
+        with pytest.raises(UserError, match=re.escape(f"cannot write to --workdir={workdir}") + ".*choose a folder"):
             train.train_and_evaluate(tiny(dataset="demo:train:64"), workdir)
 
 
@@ -345,9 +346,9 @@ def _image_folder(root, n=62):
     """
     from PIL import Image
 
-    from dino_jax.data import sources
+    from dino_jax.data import demo
 
-    images, _, _ = sources.make_demo(n, 32)
+    images, _, _ = demo.generate(n, 32)
     for i, im in enumerate(images):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(root / f"c{i % 2}" / f"{i}.png")
