@@ -27,10 +27,11 @@ Values that differ from the reference recipe (configs/vits16.py), and why:
 - lr 2e-3 per 256 (5e-4 at batch 64), drop_path 0, 11 epochs (1,716 steps: what fits in 20 minutes at ~100 img/s;
   10 epochs reach 37.7).
 """
-from dino_jax.config import base_config
+from dino_jax.config import base_config, check_variant
 
 
-def get_config():
+def get_config(variant: str = ""):
+    check_variant("configs/demo.py", variant, ("",))
     c = base_config()
     c.dataset = "demo:train"
     c.eval_train_dataset, c.eval_dataset = "demo:train:2000", "demo:val"

@@ -10,6 +10,7 @@ import ml_collections
 
 
 def base_config():
+    """Every key a run reads, locked: a recipe or override that names a key not here is an error, not a new key."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -90,7 +91,20 @@ def base_config():
     # Keys (comma-separated) allowed to differ from the checkpoint's config when resuming, e.g. "lr,seed"; see
     # RESUME_SAFE / RESUME_REFUSED below for the keys that never need it / can never change.
     c.allow_resume_changes = ""
-    return c
+    return c.lock()
+
+
+class UnknownVariant(LookupError):
+    """configs/NAME.py:VARIANT names no variant of that recipe; main.py prints the message alone. A LookupError,
+    because ml_collections turns a ValueError from get_config into a multi-line flag error with a traceback."""
+
+
+def check_variant(recipe: str, variant: str, variants: tuple) -> str:
+    """`variant` when it is one of `variants` ('' = the recipe itself), else UnknownVariant naming the valid ones."""
+    if variant not in variants:
+        valid = ", ".join(f"{recipe}:{v}" if v else recipe for v in variants)
+        raise UnknownVariant(f"{recipe} has no variant {variant!r}; use one of: {valid}")
+    return variant
 
 
 # Resuming from a checkpoint with a changed config (train._check_resumable): these keys change what the saved arrays

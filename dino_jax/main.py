@@ -50,8 +50,12 @@ def main(argv):
 
 def parse_flags(argv):
     """absl's parser, but a mistyped --config.KEY override ends in one line naming it instead of a traceback."""
+    from dino_jax.config import UnknownVariant
+
     try:
         return app.parse_flags_with_usage(argv)
+    except UnknownVariant as e:  # --config=configs/NAME.py:VARIANT with no such variant
+        sys.exit(f"FATAL {e}")
     except (AttributeError, KeyError) as e:  # how ml_collections reports a key the config does not have
         cause = e.args[0] if e.args else e
         detail = str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)
