@@ -1,8 +1,12 @@
 """The DINO algorithm as pure functions: the loss, centering, the EMA teacher and one training step.
 
-Shapes follow the reference's crop-major layout: the student output is (n_crops*B, K) ordered
-[global1 batch, global2 batch, local1 batch, ...], the teacher output (2*B, K).
-A batch is {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3)}, NHWC and ImageNet-normalised.
+A batch is {"global": (B, 2, G, G, 3), "local": (B, L, l, l, 3)}, NHWC and ImageNet-normalised. Inside the step
+every array keeps the batch axis first, (B, V, ...), so a batch sharded on B stays sharded from input to loss:
+merging views crop-major, (V, B) -> V*B, cannot be expressed as a sharding of B and makes XLA gather the whole
+batch onto every device. The reference's crop-major order matters only for which student view pairs with which
+teacher view in the loss, and the view axis V says that. The public `dino_loss`/`update_center` take the
+reference's crop-major tensors (student (n_crops*B, K) ordered [global1 batch, global2 batch, local1 batch, ...],
+teacher (2*B, K)) so that parity tests can feed the reference's own outputs.
 """
 from __future__ import annotations
 
@@ -28,28 +32,40 @@ def dino_loss(student_output, teacher_output, center, teacher_temp, n_crops: int
     """Cross-entropy between the centred, sharpened teacher and the student over all pairs of different views.
 
     The mean over the 2*(n_crops-1) (teacher global i, student view v != i) terms, each a batch mean.
+    Crop-major inputs as the reference's: student (n_crops*B, K), teacher (2*B, K).
     """
-    return _loss_and_entropy(student_output, teacher_output, center, teacher_temp, n_crops, student_temp)[0]
+    return _loss_and_entropy(batch_major(student_output, n_crops), batch_major(teacher_output, 2), center,
+                             teacher_temp, student_temp)[0]
 
 
-def _loss_and_entropy(student_output, teacher_output, center, teacher_temp, n_crops, student_temp=0.1):
+def batch_major(crop_major_output, n_views: int):
+    """(V*B, K) in the reference's [view0 batch, view1 batch, ...] order -> (B, V, K)."""
+    return jnp.swapaxes(crop_major_output.reshape((n_views, -1) + crop_major_output.shape[1:]), 0, 1)
+
+
+def _loss_and_entropy(student_output, teacher_output, center, teacher_temp, student_temp=0.1):
+    """Loss and the collapse monitors from batch-major outputs: student (B, V, K), teacher (B, 2, K)."""
+    n_crops = student_output.shape[1]
     student_logp = jax.nn.log_softmax(student_output.astype(jnp.float32) / student_temp, axis=-1)
-    student_logp = student_logp.reshape(n_crops, -1, student_logp.shape[-1])  # (V, B, K)
     teacher = jax.nn.softmax((teacher_output.astype(jnp.float32) - center) / teacher_temp, axis=-1)
-    teacher = jax.lax.stop_gradient(teacher.reshape(2, -1, teacher.shape[-1]))  # (2, B, K)
-    batch = teacher.shape[1]
-    cross = -jnp.einsum("ibk,vbk->iv", teacher, student_logp) / batch  # (2, V) batch-mean cross-entropies
+    teacher = jax.lax.stop_gradient(teacher)
+    batch = teacher.shape[0]
+    cross = -jnp.einsum("bik,bvk->iv", teacher, student_logp) / batch  # (2, V) batch-mean cross-entropies
     same_view = jnp.eye(2, n_crops, dtype=bool)
     loss = jnp.sum(jnp.where(same_view, 0.0, cross)) / (2 * (n_crops - 1))
     entropy = -jnp.sum(teacher * jnp.log(jnp.maximum(teacher, 1e-30)), axis=-1).mean()
-    marginal = teacher.reshape(-1, teacher.shape[-1]).mean(0)
+    marginal = teacher.mean((0, 1))
     batch_entropy = -jnp.sum(marginal * jnp.log(jnp.maximum(marginal, 1e-30)))
     return loss, entropy, batch_entropy
 
 
 def update_center(center, teacher_output, momentum: float = 0.9):
-    """EMA of the global batch mean of the raw teacher outputs (all rows: both global crops, all devices)."""
-    batch_center = jnp.mean(teacher_output.astype(jnp.float32), axis=0, keepdims=True)
+    """EMA of the global batch mean of the raw teacher outputs (all rows: both global crops, all devices).
+
+    Any leading layout, (2*B, K) or (B, 2, K): the mean is over every row.
+    """
+    k = teacher_output.shape[-1]
+    batch_center = jnp.mean(teacher_output.astype(jnp.float32).reshape(-1, k), axis=0, keepdims=True)
     return center * momentum + batch_center * (1 - momentum)
 
 
@@ -61,33 +77,46 @@ def update_center(center, teacher_output, momentum: float = 0.9):
 class MultiCropModel:
     """One backbone call per crop resolution, then the head once on all features (the reference wrapper).
 
+    Views come batch-major, one (B, V_g, H, W, 3) array per resolution, and outputs are (B, V, ...) with the
+    groups' views in order along V. Images are merged into the backbone's batch as B*V_g rows, batch first, which
+    keeps a batch sharded on B sharded.
+
     `chunks` > 1 splits each resolution's batch into that many independent backbone calls. The maths is the same
     (a ViT without batch norm treats images independently); the separate chains let XLA:CPU's executor keep
-    several cores busy with single-core kernels (on the 2-core VM, ~10 % less wall time per ViT-Ti/16 b8 step in
-    in-process A/B runs, no gain in the harness; benchmarks/README.md). Drop-path draws its masks per chunk, so
-    they differ from `chunks=1`.
+    several cores busy with single-core kernels (benchmarks/README.md). Chunk j holds the images b with
+    b % chunks == j, a strided split that keeps every chunk sharded like the batch. Drop-path draws its masks
+    per chunk, so they differ from `chunks=1`.
     """
     backbone: Any
     head: Any
     chunks: int = 1
 
-    def features(self, params, crops, train: bool = False, rng=None):
-        """crops: list of (n, H, W, 3) arrays, one per resolution, in crop-major order."""
+    def features(self, params, views, train: bool = False, rng=None):
+        """views: list of (B, V_g, H, W, 3) arrays, one per resolution -> (B, V, D), V = sum of the V_g."""
         feats = []
-        for i, x in enumerate(crops):
-            if x.shape[0] % self.chunks:
-                raise ValueError(f"backbone_chunks={self.chunks} must divide the {x.shape[0]} crops of size "
-                                 f"{x.shape[1]} (crops x batch); pick a divisor of it")
+        for i, x in enumerate(views):
+            b, v = x.shape[:2]
+            if b % self.chunks:
+                raise ValueError(f"backbone_chunks={self.chunks} must divide the per-step batch of {b} images "
+                                 f"(crops of size {x.shape[2]}); pick a divisor of it")
             group_rng = jax.random.fold_in(rng, i) if train and rng is not None else None
-            for j, part in enumerate(jnp.split(x, self.chunks, axis=0)):
+            parts = x.reshape((b // self.chunks, self.chunks) + x.shape[1:])
+            outs = []
+            for j in range(self.chunks):
                 rngs = {}
                 if group_rng is not None:  # chunks=1 keeps the unsplit step's masks
                     rngs["drop_path"] = jax.random.fold_in(group_rng, j) if self.chunks > 1 else group_rng
-                feats.append(self.backbone.apply({"params": params["backbone"]}, part, train, rngs=rngs))
-        return jnp.concatenate(feats, axis=0)
+                images = parts[:, j].reshape((b // self.chunks * v,) + x.shape[2:])
+                out = self.backbone.apply({"params": params["backbone"]}, images, train, rngs=rngs)
+                outs.append(out.reshape(b // self.chunks, v, -1))
+            feats.append(jnp.stack(outs, axis=1).reshape(b, v, -1))
+        return jnp.concatenate(feats, axis=1)
 
-    def __call__(self, params, crops, train: bool = False, rng=None):
-        return self.head.apply({"params": params["head"]}, self.features(params, crops, train, rng))
+    def __call__(self, params, views, train: bool = False, rng=None):
+        """Head outputs (B, V, K) of the views (see `features`)."""
+        feats = self.features(params, views, train, rng)
+        b, v, d = feats.shape
+        return self.head.apply({"params": params["head"]}, feats.reshape(b * v, d)).reshape(b, v, -1)
 
     def init(self, rng, image_size: int):
         k1, k2 = jax.random.split(rng)
@@ -97,21 +126,12 @@ class MultiCropModel:
         return {"backbone": backbone, "head": self.head.init(k2, feat)["params"]}
 
 
-def crop_major(views):
-    """(B, V, H, W, C) -> (V*B, H, W, C) in the reference's [view0 batch, view1 batch, ...] order."""
-    b, v = views.shape[:2]
-    return jnp.swapaxes(views, 0, 1).reshape((v * b,) + views.shape[2:])
-
-
-def student_crops(batch):
-    crops = [crop_major(batch["global"])]
+def student_views(batch):
+    """The student's views per resolution: the global crops, then the local crops when there are any."""
+    views = [batch["global"]]
     if "local" in batch and batch["local"].shape[1] > 0:
-        crops.append(crop_major(batch["local"]))
-    return crops
-
-
-def num_crops(batch) -> int:
-    return batch["global"].shape[1] + (batch["local"].shape[1] if "local" in batch else 0)
+        views.append(batch["local"])
+    return views
 
 
 def build_model(config) -> MultiCropModel:
@@ -168,14 +188,13 @@ def make_train_step(config, steps_per_epoch: int):
     def train_step(state: TrainState, batch):
         model, step = state.apply_fn, state.step
         teacher_temp, momentum = at("teacher_temp", step), at("momentum", step)
-        n_crops = num_crops(batch)
-        teacher_output = model(state.teacher_params, [crop_major(batch["global"])], train=False)
+        teacher_output = model(state.teacher_params, [batch["global"]], train=False)  # (B, 2, K)
 
         def loss_fn(params):
-            student_output = model(params, student_crops(batch), train=True,
-                                   rng=jax.random.fold_in(state.rng, step))
+            student_output = model(params, student_views(batch), train=True,
+                                   rng=jax.random.fold_in(state.rng, step))  # (B, V, K)
             loss, entropy, batch_entropy = _loss_and_entropy(
-                student_output, teacher_output, state.center, teacher_temp, n_crops, student_temp)
+                student_output, teacher_output, state.center, teacher_temp, student_temp)
             return loss, (entropy, batch_entropy)
 
         (loss, (entropy, batch_entropy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -261,5 +261,5 @@ def test_backbone_chunks_give_the_same_step():
     c = tiny_config(batch_size=4, backbone_chunks=3)
     model = dino.build_model(c)
     state = dino.create_train_state(c, model, 10, jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="backbone_chunks=3 must divide the 8 crops of size 32"):
+    with pytest.raises(ValueError, match="backbone_chunks=3 must divide the per-step batch of 4 images"):
         dino.make_train_step(c, 10)(state, batch)

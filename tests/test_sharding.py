@@ -1,4 +1,9 @@
-"""The same training steps on 1 device and on 8 simulated CPU devices give the same numbers."""
+"""The same training steps on 1 device and on 8 simulated CPU devices give the same numbers.
+
+"The same" within float32's own noise: on 8 devices the gradients and means are summed in another order. The
+noise floor is measured, not assumed: the 1-device run on the same batches with their rows permuted (the same
+maths, another summation order) gives it, per tensor.
+"""
 import os
 import pickle
 import subprocess
@@ -6,7 +11,6 @@ import sys
 
 import numpy as np
 
-from conftest import max_relative_error
 
 SCRIPT = r"""
 import sys, numpy as np, jax
@@ -21,10 +25,11 @@ assert mesh.size == {n}, mesh
 state = sharding.shard_state(dino.create_train_state(c, model, spe, jax.random.PRNGKey(0)), mesh)
 step = sharding.jit_train_step(dino.make_train_step(c, spe), mesh)
 rng = np.random.default_rng(0)
+order = np.random.default_rng(1).permutation(16) if {permute} else np.arange(16)
 losses = []
 for i in range(3):
-    batch = {{"global": rng.normal(size=(16, 2, 32, 32, 3)).astype(np.float32),
-              "local": rng.normal(size=(16, 2, 16, 16, 3)).astype(np.float32)}}
+    batch = {{"global": rng.normal(size=(16, 2, 32, 32, 3)).astype(np.float32)[order],
+              "local": rng.normal(size=(16, 2, 16, 16, 3)).astype(np.float32)[order]}}
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     state, m = step(state, batch)
     losses.append(float(m["loss"]))
@@ -34,20 +39,36 @@ with open({out!r}, "wb") as f:
 """
 
 
-def _run(n, out):
+def _run(n, out, permute=False):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    code = SCRIPT.format(tests=os.path.dirname(__file__), n=n, out=out)
+    code = SCRIPT.format(tests=os.path.dirname(__file__), n=n, out=out, permute=permute)
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     with open(out, "rb") as f:
         return pickle.load(f)
 
 
+def _differences(a, b) -> dict:
+    """Per tensor max|a - b|, by path."""
+    import jax
+
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    return {jax.tree_util.keystr(path): float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+            for (path, x), y in zip(flat_a, jax.tree.leaves(b))}
+
+
 def test_one_vs_eight_devices(tmp_path):
+    import jax
+
     one, eight = _run(1, str(tmp_path / "one.pkl")), _run(8, str(tmp_path / "eight.pkl"))
+    permuted = _run(1, str(tmp_path / "permuted.pkl"), permute=True)
     np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5)
-    err = max_relative_error(one["state"], eight["state"])
-    print(f"max relative difference, 1 vs 8 devices after 3 steps: {err:.2e}")
-    assert err <= 1e-5
+    noise, devices = _differences(one["state"], permuted["state"]), _differences(one["state"], eight["state"])
+    scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(one["state"]))
+    worst = max(devices, key=lambda k: devices[k] / (noise[k] + 1e-7 * scale))
+    print(f"1 vs 8 devices after 3 steps: worst tensor {worst}: {devices[worst]:.3g} "
+          f"(float32 noise from a row permutation: {noise[worst]:.3g})")
+    for name in devices:  # 10x the measured noise, with a floor of 1e-7 of the largest value in the state
+        assert devices[name] <= 10 * noise[name] + 1e-7 * scale, (name, devices[name], noise[name])
 
 
 def _host_batches(n, fail_at=None):

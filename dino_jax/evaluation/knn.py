@@ -43,12 +43,16 @@ def l2_normalize(x, eps: float = 1e-12):
 
 
 @functools.lru_cache(maxsize=16)
-def _feature_fn(model, out_sharding):
-    """One compiled forward per (model, mesh): CLS feature after the final norm, L2-normalised, float32."""
+def feature_fn(model):
+    """One compiled forward per model: CLS feature after the final norm, L2-normalised, float32.
+
+    The features come out sharded like the images, so each device runs the backbone on its own rows only;
+    `_host` gathers them afterwards.
+    """
     def fwd(params, images):
         return l2_normalize(model.apply({"params": params}, images).astype(jnp.float32))
 
-    return jax.jit(fwd, out_shardings=out_sharding)
+    return jax.jit(fwd)
 
 
 def place_batch(images, mesh):
@@ -96,7 +100,7 @@ def extract_features(model, params, batches: Iterable[Mapping], *, log_every: in
         images = batch["image"]
         if fn is None:
             mesh = mesh_of(images)
-            fn = _feature_fn(model, shd.replicated(mesh))
+            fn = feature_fn(model)
             params_on_mesh = jax.device_put(params, shd.replicated(mesh))
         f = _host(fn(params_on_mesh, place_batch(images, mesh)))
         n = f.shape[0]

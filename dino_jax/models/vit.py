@@ -299,12 +299,14 @@ class VisionTransformer(nn.Module):
         b, h, w, _ = x.shape
         if h < p or w < p:
             raise ValueError(f"image of {h}x{w} pixels is smaller than one {p}x{p} patch")
-        x = self.patch_embed(x.astype(self.dtype))
+        x = self.patch_embed(x.astype(self.dtype)).astype(jnp.float32)
         gh, gw = x.shape[1], x.shape[2]
         x = x.reshape(b, gh * gw, d)
-        cls = jnp.broadcast_to(self.cls_token, (b, 1, d)).astype(self.dtype)
+        cls = jnp.broadcast_to(self.cls_token, (b, 1, d))
         pos = interpolate_pos_embed(self.pos_embed, (gh, gw), self.pos_embed_interp)
-        return jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        # The residual stream stays float32 whatever the compute dtype (the reference's autocast keeps its adds in
+        # float32): the blocks' Dense layers cast their inputs to `dtype`, and float32 + bfloat16 is float32.
+        return jnp.concatenate([cls, x], axis=1) + pos
 
     def __call__(self, x, train: bool = False):
         x = self._tokens(x)
