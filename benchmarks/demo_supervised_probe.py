@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_step import load_config  # noqa: E402  (benchmarks/: the same PATH[:variant] config loading)
 
 from dino_jax import dino  # noqa: E402
-from dino_jax.data import sources  # noqa: E402
+from dino_jax.data import demo  # noqa: E402
 from dino_jax.evaluation.attention import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
@@ -46,13 +46,12 @@ def main():
     args = p.parse_args()
     config = load_config(args.config)
     size = config.global_crop_size
-    train_x, train_y, _ = sources.make_demo(sources.DEMO_SIZES["train"], size, seed=sources.DEMO_SEEDS["train"],
-                                            grayscale=config.grayscale_input)
-    val_x, val_y, _ = sources.make_demo(sources.DEMO_SIZES["val"], size, seed=sources.DEMO_SEEDS["val"],
+    train_x, train_y, _ = demo.generate(demo.SIZES["train"], size, seed=demo.SEEDS["train"],
                                         grayscale=config.grayscale_input)
+    val_x, val_y, _ = demo.generate(demo.SIZES["val"], size, seed=demo.SEEDS["val"], grayscale=config.grayscale_input)
     train_x, val_x = ((x.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for x in (train_x, val_x))
 
-    model = Classifier(dino.build_model(config).backbone, len(sources.DEMO_CLASSES))
+    model = Classifier(dino.build_model(config).backbone, len(demo.CLASSES))
     params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), train_x[:2])
     tx = optax.adamw(args.lr, weight_decay=config.weight_decay)
     opt_state = tx.init(params)

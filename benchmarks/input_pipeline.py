@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from steal import stolen_cpu_seconds, stolen_share  # noqa: E402
 
 from dino_jax import sharding  # noqa: E402
-from dino_jax.data import pipeline, sources  # noqa: E402
+from dino_jax.data import configure_tensorflow, pipeline, sources  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 SIZES = (0.4, 0.6, 0.8, 1.0)  # fractions of each photo's size (ImageNet images are ~400x350 on average)
@@ -44,6 +44,7 @@ def write_jpegs(root: str) -> int:
 
 
 def main():
+    configure_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20, help="timed batches, after 3 warm-up batches")

@@ -576,5 +576,5 @@ if __name__ == "__main__":
     sys.path.insert(0, REPO)
     from dino_jax import malloc_tuning
 
-    malloc_tuning.reexec_with_malloc_tuning()  # as python -m dino_jax.main does: XLA:CPU's per-step block kept mapped
+    malloc_tuning.reexec_with_malloc_tuning(one_arena=True)  # big steps: XLA:CPU's per-step block kept mapped
     main()

@@ -36,6 +36,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from dino_jax.data import configure_tensorflow
+
+    configure_tensorflow()
     import jax  # after flag parsing so --help is fast
 
     if FLAGS.coordinator_address:

@@ -1,18 +1,20 @@
-"""glibc malloc settings that keep XLA:CPU's per-step block mapped, set by re-executing the command once.
+"""glibc malloc settings for steps that run on XLA:CPU, set by re-executing the command once (glibc reads its
+tunables only at process start).
 
-XLA:CPU allocates the temporaries of each run of a compiled step as one block (1.5 GiB for the ViT-Ti/16 multi-crop
-step at batch 8) on a worker thread. A worker thread's malloc arena can serve a block that size only with mmap, and
-returns it with munmap when the run ends, so every step maps fresh memory that the kernel must zero: ~400k 4-KiB
-page faults per step at batch 8 (0.8 CPU-s; at batch 32 more than the compute), and on a VM whose host has reclaimed
-the guest's free memory (after other large allocations, e.g. a torch step in the same process) several CPU-s of
-page clearing per step even with huge pages. With one arena that never maps large blocks separately and never
-trims its heap, the block is allocated once and reused: no faults, no clearing. Huge pages (2 MiB) for that heap
-cut the first-touch faults and TLB misses. glibc reads tunables only at process start, hence the re-exec.
-Measured in benchmarks/README.md ("Page faults"). Opt out with DINO_JAX_MALLOC_TUNING=0.
+XLA:CPU allocates the temporaries of each run of a compiled step as one block on a worker thread, and glibc maps
+big blocks with mmap and unmaps them when freed, so every step faults in fresh, zeroed pages. TUNABLES keep freed
+memory in malloc's heaps (no separate mappings, no trimming) and back those heaps with transparent huge pages.
 
-Only where the step runs on XLA:CPU: on a TPU or GPU host there is no such block, and one arena would only make
-every tf.data thread wait on the same malloc lock (on the 2-core VM that lock already cost the CPU demo, with its
-small step, a third of its speed; benchmarks/README.md, 2026-12-02).
+A block bigger than 64 MiB (a per-thread arena's largest heap) is still mapped on its own unless every thread
+shares one arena (ONE_ARENA). One arena pays for big steps and costs small ones (benchmarks/README.md, "One malloc
+arena"): the ViT-Ti/16 multi-crop step at batch 8 (a 1.5 GiB block) runs ~1.5x faster with it, while the CPU demo,
+whose threads then queue on the one arena's lock, trains ~1.5x slower. So `python -m dino_jax.main` sets TUNABLES,
+and the train-step harness (benchmarks/train_step.py), which times big steps, adds ONE_ARENA; for a big model
+trained on a CPU, set GLIBC_TUNABLES=glibc.malloc.arena_max=1 yourself (tunables you set keep their values).
+
+Only where the step runs on XLA:CPU: on a TPU or GPU host there is no such block. DINO_JAX_MALLOC_TUNING=0 turns
+the settings off. A notebook kernel is already running when it imports dino_jax, so it trains with glibc's
+defaults, which cost the demo about a fifth of its speed (benchmarks/README.md).
 """
 import importlib.util
 import os
@@ -20,11 +22,11 @@ import platform
 import sys
 
 TUNABLES = (
-    "glibc.malloc.arena_max=1",  # every thread allocates from the main arena, whose heap can grow to any size
-    "glibc.malloc.mmap_max=0",  # large blocks come from that heap, not from a mapping of their own
+    "glibc.malloc.mmap_max=0",  # large blocks come from a heap, not from a mapping of their own
     "glibc.malloc.trim_threshold=1099511627776",  # freed memory stays in the heap (1 TiB: never trimmed)
-    "glibc.malloc.hugetlb=1",  # transparent huge pages for the heap
+    "glibc.malloc.hugetlb=1",  # transparent huge pages for the heaps
 )
+ONE_ARENA = "glibc.malloc.arena_max=1"  # every thread allocates from the main arena, whose heap can grow to any size
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -54,8 +56,9 @@ def _step_runs_on_cpu() -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
-def reexec_with_malloc_tuning():
-    """Replace this process by the same command with GLIBC_TUNABLES extended by TUNABLES (same pid, argv, env).
+def reexec_with_malloc_tuning(one_arena: bool = False):
+    """Replace this process by the same command with GLIBC_TUNABLES extended by TUNABLES, and ONE_ARENA when
+    `one_arena` (same pid, argv, env).
 
     Call first thing in an entry point, before threads or large allocations exist; a no-op where the tunables are
     already set, unsupported, the step will not run on the CPU, or DINO_JAX_MALLOC_TUNING=0. Tunables the user set
@@ -63,7 +66,7 @@ def reexec_with_malloc_tuning():
     """
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
     names = {t.split("=")[0] for t in tunables}
-    missing = [t for t in TUNABLES if t.split("=")[0] not in names]
+    missing = [t for t in TUNABLES + ((ONE_ARENA,) if one_arena else ()) if t.split("=")[0] not in names]
     if (not missing or os.environ.get("DINO_JAX_MALLOC_TUNING", "1") == "0" or not _supported()
             or not _step_runs_on_cpu()):
         return

@@ -102,9 +102,9 @@ def _copydays_from_demo(root):
     crops/50 (central half, resized back); 6 distractors and 12 whitening images from other demo images."""
     from PIL import Image, ImageOps
 
-    from dino_jax.data.sources import make_demo
+    from dino_jax.data import demo
 
-    images, _, _ = make_demo(28, 64, seed=7)
+    images, _, _ = demo.generate(28, 64, seed=7)
     for sub in ("original", "strong", "jpegqual/10", "crops/50", "distractors", "whitening"):
         os.makedirs(root / sub)
     for i in range(10):

@@ -1,11 +1,10 @@
-"""The CPU demo end to end (issues #4, #5): the first epochs of `configs/demo.py` learn without collapsing, and the
-evaluation CLIs on its checkpoint repeat what the trainer reported.
+"""The CPU demo end to end: the first epochs of `configs/demo.py` learn without collapsing, and the evaluation CLIs
+on its checkpoint repeat what the trainer reported.
 
 One real `python -m dino_jax.main` run of the demo recipe stopped after DEMO_EPOCHS epochs of its schedule
-(`--config.stop_after_epochs`), then `eval_knn` and `visualize_attention` on its workdir. Measured (2026-12-01, 2
-cores): these 2 epochs take the teacher 20-NN from 17.6 to 24.2 and the attention Jaccard from 0.206
-to 0.306; the full 11-epoch demo reaches 38.6 and 0.339. The asserted margins (+5 k-NN points, +0.05 Jaccard) are what that curve supports. A collapsed
-teacher falls to chance (10%).
+(`--config.stop_after_epochs`), then `eval_knn` and `visualize_attention` on its workdir. The asserted margins
+(+5 k-NN points, +0.05 Jaccard) are what these 2 epochs were measured to give (docs/demo_recipe_history.md). A
+collapsed teacher falls to chance (10%).
 """
 import json
 import os
@@ -49,7 +48,7 @@ def test_a_short_demo_learns_without_collapse(demo_run):
     entropy = np.mean([r["teacher_entropy"] for r in last])
     batch_entropy = np.mean([r["teacher_batch_entropy"] for r in last])
     # Measured over these steps: entropy 6.6 of ln K = 6.93, batch-mean entropy 0.27 above it. The collapsed runs of
-    # the README's table sat at 6.88-6.92 (uniform) or had the two within 0.05 (the same output for every image).
+    # docs/demo_recipe_history.md sat at 6.88-6.92 (uniform) or had the two within 0.05 (the same output for every image).
     assert entropy < np.log(1024) - 0.15, entropy
     assert batch_entropy > entropy + 0.1, (entropy, batch_entropy)
     assert os.path.isfile(workdir / "attention" / "init.png")
@@ -72,10 +71,10 @@ def test_eval_knn_on_the_checkpoint_repeats_the_trainers_number(demo_run, tmp_pa
 def test_visualize_attention_on_a_demo_image(demo_run, tmp_path):
     from PIL import Image
 
-    from dino_jax.data import sources
+    from dino_jax.data import demo
 
     workdir, _, _ = demo_run
-    images, _, masks = sources.make_demo(1, 32, seed=12345, grayscale=True)
+    images, _, masks = demo.generate(1, 32, seed=12345, grayscale=True)
     Image.fromarray(images[0]).save(tmp_path / "img.png")
     Image.fromarray(masks[0] * 255).save(tmp_path / "mask.png")
     out = tmp_path / "attn"

@@ -158,12 +158,12 @@ def test_eval_mask_is_cropped_like_the_image(batch_sharding):
         assert set(np.unique(np.asarray(batch["mask"])[i])) <= {0, 1}
 
 
-def test_importing_the_data_package_gives_tensorflow_one_intra_op_thread_or_says_why_not():
+def test_configure_tensorflow_gives_it_one_intra_op_thread_or_says_why_not_and_importing_changes_nothing():
     """oneDNN kernels inside tf.data use TF's process-wide intra-op pool; one thread there made the pipeline ~1.6x
-    faster on 2 cores (benchmarks/README.md). TF already started by the user: a warning instead of silence."""
+    faster on 2 cores (benchmarks/README.md). Entry points ask for it; importing the package does not."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2")
-    check = ("import tensorflow as tf\n{before}import dino_jax.data\n"
+    check = ("import tensorflow as tf\nimport dino_jax.data.pipeline, dino_jax.data.sources\n{before}"
              "print('threads', tf.config.threading.get_intra_op_parallelism_threads())\n")
 
     def run(before):
@@ -172,7 +172,8 @@ def test_importing_the_data_package_gives_tensorflow_one_intra_op_thread_or_says
         assert out.returncode == 0, out.stderr[-2000:]
         return out
 
-    fresh = run("")
-    assert "threads 1" in fresh.stdout and "initialised before" not in fresh.stderr
-    late = run("tf.constant(1.0) + 1\n")
-    assert "threads 0" in late.stdout and "initialised before dino_jax.data was imported" in late.stderr
+    assert "threads 0" in run("").stdout  # imports alone: TF's default pool (0: a thread per core)
+    fresh = run("dino_jax.data.configure_tensorflow()\n")
+    assert "threads 1" in fresh.stdout and "before dino_jax.data.configure_tensorflow" not in fresh.stderr
+    late = run("tf.constant(1.0) + 1\ndino_jax.data.configure_tensorflow()\n")
+    assert "threads 0" in late.stdout and "ran an op before dino_jax.data.configure_tensorflow()" in late.stderr

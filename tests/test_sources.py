@@ -1,4 +1,5 @@
-"""Dataset sources: TFDS (mock data only), image folders with odd files, the procedural demo."""
+"""Dataset sources: TFDS (mock data, and tiny datasets built here in both file formats), image folders with odd
+files, the procedural demo."""
 import logging
 
 import numpy as np
@@ -7,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dino_jax.data import sources
+from dino_jax.data import demo, sources
 
 
 def examples(source, n=None):
@@ -116,13 +117,13 @@ def test_grayscale_and_subset_options(odd_folder):
 
 
 def test_demo_is_deterministic_and_splits_differ():
-    a = sources.make_demo(64, 32, seed=0)
-    b = sources.make_demo(64, 32, seed=0)
-    c = sources.make_demo(64, 32, seed=1)
+    a = demo.generate(64, 32, seed=0)
+    b = demo.generate(64, 32, seed=0)
+    c = demo.generate(64, 32, seed=1)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
-    prefix = sources.make_demo(40, 32, seed=0)  # demo:train:N is the first N images of demo:train
+    prefix = demo.generate(40, 32, seed=0)  # demo:train:N is the first N images of demo:train
     for x, y in zip(a, prefix):
         np.testing.assert_array_equal(x[:40], y)
     train = sources.load_source("demo:train:50", image_size=32)
@@ -134,7 +135,7 @@ def test_demo_is_deterministic_and_splits_differ():
 
 
 def test_demo_masks_line_up_with_the_objects():
-    images, labels, masks = sources.make_demo(300, 48, seed=3, grayscale=True)
+    images, labels, masks = demo.generate(300, 48, seed=3, grayscale=True)
     lum = images[..., 0].astype(np.float32)
     area = masks.reshape(len(masks), -1).mean(1)
     assert area.min() > 0.02 and area.max() < 0.6  # radius 0.25-0.42 of the side, every shape
@@ -157,8 +158,8 @@ def test_demo_masks_line_up_with_the_objects():
 
 
 def test_demo_colour_option():
-    grey = sources.make_demo(8, 32, seed=0, grayscale=True)[0].astype(int)
-    colour = sources.make_demo(8, 32, seed=0, grayscale=False)[0].astype(int)
+    grey = demo.generate(8, 32, seed=0, grayscale=True)[0].astype(int)
+    colour = demo.generate(8, 32, seed=0, grayscale=False)[0].astype(int)
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
     assert np.abs(colour[..., 0] - colour[..., 2]).mean() > 5
 
@@ -177,8 +178,8 @@ def weighted_knn_top1(bank, bank_labels, queries, query_labels, k=20, t=0.07, nu
 def test_raw_pixels_do_not_solve_the_demo():
     """Weighted 20-NN on raw pixels (2000-image bank, 1000 queries, 32 px grey): 11.8% at chance 10% (on the masks
     alone: 60.4%)."""
-    bank, bank_labels, bank_masks = sources.make_demo(2000, 32, seed=0, grayscale=True)
-    queries, query_labels, masks = sources.make_demo(1000, 32, seed=12345, grayscale=True)
+    bank, bank_labels, bank_masks = demo.generate(2000, 32, seed=0, grayscale=True)
+    queries, query_labels, masks = demo.generate(1000, 32, seed=12345, grayscale=True)
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
     acc = weighted_knn_top1(flat(bank), bank_labels, flat(queries), query_labels)
     assert acc < 25.0, acc

@@ -3,7 +3,7 @@
 Every random op takes an explicit `seed` (a shape-[2] int tensor) and uses only stateless TF RNG, so an image's crops
 depend on (seed, epoch, example index) alone, never on thread count, element order or process count.
 
-Semantics follow the reference (shared/research/dino_reference.md, section 1.3), which runs torchvision on PIL images:
+Semantics follow the reference's `DataAugmentationDINO` (main_dino.py), which runs torchvision on PIL images:
 RandomResizedCrop with torchvision's sampling and fallback, PIL-like bicubic resizing with antialiasing, ColorJitter's
 multiplicative brightness / mean-grey contrast / grey-blend saturation / HSV hue shift in a random order, ITU-R 601
 grayscale, Gaussian blur with sigma in [0.1, 2] (reflect padding, so borders are not darkened), solarize at 128.

@@ -1,14 +1,22 @@
 """Per-process input pipelines that yield global `jax.Array` batches.
 
-Training: every epoch is a permutation of the example indices drawn from (seed, epoch); global step s of an epoch
-uses permutation entries [s*B, (s+1)*B), of which process p takes its contiguous 1/process_count slice. So the
-processes together see every example once per epoch (minus the drop_remainder tail), no process reads another's
-examples, and a crop depends only on (seed, epoch, example index): the same whatever the thread or process count.
-Resuming at any step skips index tensors, not decoded images.
+Training on a random-access source: every epoch is a permutation of the example indices drawn from (seed, epoch);
+global step s of an epoch uses permutation entries [s*B, (s+1)*B), of which process p takes its contiguous
+1/process_count slice. So the processes together see every example once per epoch (minus the drop_remainder tail),
+no process reads another's examples, and a crop depends only on (seed, epoch, example index): the same whatever the
+thread or process count. Resuming at any step skips index tensors, not decoded images.
+
+Training on a stream (a TFDS tfrecord dataset): process p reads its own part of the split (TFDS's per-process
+split, N // process_count examples), one pass per epoch, with files shuffled and examples passed through a shuffle
+buffer, both seeded by (seed, epoch); each pass gives exactly steps_per_epoch local batches. The order, and so the
+batches, depend on the process count. Resuming at step s of an epoch re-reads, without decoding, the first
+s * local_batch examples of that epoch's pass and continues with the same batches an uninterrupted run would have
+used. The pipeline restarts at each epoch, so the first batches of an epoch wait for the shuffle buffer to fill.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import functools
+from typing import Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -72,8 +80,8 @@ class TrainIterator:
     on close(), which loses nothing: a resumed run rebuilds the iterator at the checkpoint's step.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, sharding, start_step: int, spe: int, device_prefetch: int = 2):
-        self._batches = sharding_lib.GlobalBatches(dataset.as_numpy_iterator(), sharding, device_prefetch)
+    def __init__(self, host_batches: Iterable[dict], sharding, start_step: int, spe: int, device_prefetch: int = 2):
+        self._batches = sharding_lib.GlobalBatches(iter(host_batches), sharding, device_prefetch)
         self.step, self.steps_per_epoch = start_step, spe
 
     @property
@@ -107,8 +115,7 @@ def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, st
     spe = steps_per_epoch(source.num_examples, global_batch)
     base_seed = tf.constant([seed, 0], tf.int64)
 
-    def load_and_augment(epoch, position):
-        ex = source.load(position)
+    def augment_example(epoch, ex):
         crop_seed = augment.fold_in(augment.fold_in(base_seed, epoch), ex["index"])
         globals_, locals_ = augment.multicrop(
             ex["image"], crop_seed, global_size=global_crop_size, local_size=local_crop_size,
@@ -116,11 +123,29 @@ def train_iterator(source: Source, *, global_batch: int, sharding, seed: int, st
             blur_sigma=blur_sigma)
         return {"global": globals_, "local": locals_, "label": ex["label"]}
 
-    ds = train_indices(source.num_examples, global_batch=global_batch, seed=seed, process_index=process_index,
-                       process_count=process_count, start_step=start_step)
-    ds = ds.map(load_and_augment, num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch).with_options(_options(num_parallel_calls))
-    return TrainIterator(ds, sharding, start_step, spe, device_prefetch)
+    def finish(ds):
+        ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch)
+        return ds.with_options(_options(num_parallel_calls))
+
+    if source.random_access:
+        ds = train_indices(source.num_examples, global_batch=global_batch, seed=seed, process_index=process_index,
+                           process_count=process_count, start_step=start_step)
+        ds = ds.map(lambda epoch, index: augment_example(epoch, source.load(index)),
+                    num_parallel_calls=num_parallel_calls, deterministic=True)
+        return TrainIterator(finish(ds).as_numpy_iterator(), sharding, start_step, spe, device_prefetch)
+
+    def passes():
+        epoch, skip = divmod(start_step, spe)
+        while True:
+            pass_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
+            ds = source.read(process_index, process_count, seed=pass_seed, skip=skip * local_batch,
+                             drop_remainder=True)
+            ds = ds.map(functools.partial(augment_example, tf.constant(epoch, tf.int64)),
+                        num_parallel_calls=num_parallel_calls, deterministic=True)
+            yield from finish(ds).as_numpy_iterator()
+            epoch, skip = epoch + 1, 0
+
+    return TrainIterator(passes(), sharding, start_step, spe, device_prefetch)
 
 
 def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: int = 256, crop_size: int = 224,
@@ -128,21 +153,18 @@ def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: i
                   num_parallel_calls=tf.data.AUTOTUNE) -> Iterator[dict]:
     """Every example once, in index order, as {"image", "label", "index", "valid"} (+ "mask") global arrays.
 
-    Each process reads a contiguous share, padded so all processes run the same number of batches; padding rows
-    repeat example 0 of the share and have valid=False. Masks are resized and cropped like the image (nearest).
+    Each process reads a contiguous share (a stream: TFDS's per-process split), padded so all processes run the
+    same number of batches; padding rows repeat the share's first example and have valid=False. Masks are resized
+    and cropped like the image (nearest).
     """
     process_index, process_count, local_batch = _process(process_index, process_count, global_batch)
     n = source.num_examples
+    if n < process_count:
+        raise ValueError(f"{source.name}: {n} examples cannot be shared by {process_count} processes")
     share = -(-n // process_count)
-    num_batches = max(-(-share // local_batch), 1)
-    positions = np.arange(process_index * share, min((process_index + 1) * share, n), dtype=np.int64)
-    padded = np.full(num_batches * local_batch, -1, np.int64)
-    padded[:len(positions)] = positions
-    fill = positions[0] if len(positions) else 0
+    num_batches = -(-share // local_batch)
 
-    def load(position):
-        valid = position >= 0
-        ex = source.load(tf.where(valid, position, fill))
+    def transform(ex, valid):
         out = {"image": augment.eval_transform(ex["image"], resize_size=resize_size, crop_size=crop_size),
                "label": ex["label"], "index": tf.cast(ex["index"], tf.int32), "valid": valid}
         if "mask" in ex:
@@ -150,8 +172,23 @@ def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: i
                                                                  method="nearest")[..., 0]
         return out
 
-    ds = tf.data.Dataset.from_tensor_slices(padded).map(load, num_parallel_calls=num_parallel_calls,
-                                                         deterministic=True)
+    if source.random_access:
+        positions = np.arange(process_index * share, min((process_index + 1) * share, n), dtype=np.int64)
+        padded = np.full(num_batches * local_batch, -1, np.int64)
+        padded[:len(positions)] = positions
+        fill = positions[0] if len(positions) else 0
+
+        def load(position):
+            valid = position >= 0
+            return transform(source.load(tf.where(valid, position, fill)), valid)
+
+        ds = tf.data.Dataset.from_tensor_slices(padded).map(load, num_parallel_calls=num_parallel_calls,
+                                                             deterministic=True)
+    else:
+        ds = source.read(process_index, process_count)
+        padding = ds.take(1).map(lambda ex: transform(ex, False)).repeat()
+        ds = ds.map(lambda ex: transform(ex, True), num_parallel_calls=num_parallel_calls, deterministic=True)
+        ds = ds.concatenate(padding).take(num_batches * local_batch)
     ds = ds.batch(local_batch).prefetch(2).with_options(_options(num_parallel_calls))
     for local in ds.as_numpy_iterator():
         yield sharding_lib.global_batch(sharding, local)
