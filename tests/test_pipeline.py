@@ -132,20 +132,32 @@ def test_tfds_mock_images_smaller_than_the_crop(batch_sharding):
     assert batch["global"].shape == (4, 2, 64, 64, 3) and np.isfinite(np.asarray(batch["global"])).all()
 
 
-@pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_pads_every_process_to_the_same_batches(batch_sharding, process_count):
-    source = sources.load_source("demo:val:21", image_size=16)
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    """A TFDS dataset stored as tfrecord: each process reads TFDS's per-process split, in order for evaluation."""
+    import tiny_tfds
+
+    data_dir = tiny_tfds.build(tmp_path_factory.mktemp("tfrecord"), "tfrecord")
+    return sources.load_source(f"tfds:{tiny_tfds.NAME}:test", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("kind", ["random_access", "stream"])
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_eval_reads_every_example_once_padding_every_process_to_the_same_batches(batch_sharding, process_count, kind,
+                                                                                 stream):
+    source = stream if kind == "stream" else sources.load_source("demo:val:21", image_size=16)
     seen, counts = [], []
     for p in range(process_count):
-        batches = list(pipeline.eval_iterator(source, global_batch=8, sharding=batch_sharding, resize_size=16,
+        batches = list(pipeline.eval_iterator(source, global_batch=6, sharding=batch_sharding, resize_size=16,
                                               crop_size=12, process_index=p, process_count=process_count))
         counts.append(len(batches))
         for b in batches:
             valid = np.asarray(b["valid"])
-            assert b["image"].shape[1:] == (12, 12, 3) and b["mask"].shape[1:] == (12, 12)
+            assert b["image"].shape[1:] == (12, 12, 3)
+            assert "mask" not in b if kind == "stream" else b["mask"].shape[1:] == (12, 12)
             seen += list(np.asarray(b["index"])[valid])
     assert len(set(counts)) == 1
-    assert sorted(seen) == list(range(21))
+    assert sorted(seen) == list(range(source.num_examples))
 
 
 def test_eval_mask_is_cropped_like_the_image(batch_sharding):

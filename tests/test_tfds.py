@@ -78,18 +78,6 @@ def test_stream_training_batches_resume_by_position_and_cover_each_process_part(
     assert [sorted(t) for t in two] == [sorted(labels(stream.read(p, 2, drop_remainder=True))) for p in range(2)]
 
 
-@pytest.mark.parametrize("process_count", [1, 3])
-def test_stream_evaluation_reads_every_example_once_padded_alike(stream, batch_sharding, process_count):
-    seen, counts = [], []
-    for p in range(process_count):
-        batches = list(pipeline.eval_iterator(stream, global_batch=6, sharding=batch_sharding, resize_size=16,
-                                              crop_size=16, process_index=p, process_count=process_count))
-        counts.append(len(batches))
-        for b in batches:
-            seen += list(np.asarray(b["index"])[np.asarray(b["valid"])])
-    assert len(set(counts)) == 1 and sorted(seen) == list(range(16))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_train_two_steps_with_knn_evaluation(data_dirs, fmt, tmp_path, tiny):
