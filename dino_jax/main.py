@@ -46,9 +46,12 @@ def main(argv):
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()  # a multi-host TPU slice: JAX discovers its peers
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
-    from dino_jax import train
+    from dino_jax import config, train
 
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (config.UserError, train.TrainingStopped) as e:  # the message says what and what to do
+        sys.exit(f"FATAL {e}")
 
 
 def parse_flags(argv):

@@ -238,6 +238,7 @@ def test_sigkill_during_saves_and_sigterm_resume_to_the_same_result(reference, t
     _wait_for(lambda: max(_steps(workdir, offset), default=0) >= term_after, p, what=f"step {term_after}")
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
+    at_signal = max(_steps(workdir, offset))
     rc = _finish(p, timeout=60)
     took = time.time() - t0
     print(f"SIGTERM at step >= {term_after}: exit {rc} after {took:.1f}s")
@@ -246,6 +247,7 @@ def test_sigkill_during_saves_and_sigterm_resume_to_the_same_result(reference, t
     saved = int(re.search(r"saved a checkpoint at step (\d+); exiting", _text(p)).group(1))
     complete, partial = _ckpt_dirs(workdir)
     assert complete[-1] == saved and not partial and saved >= term_after
+    assert saved <= at_signal + 2, f"signal after step {at_signal}, stopped at step {saved}"  # checked every step
 
     # Run 3: resumes at that step and finishes: the same numbers as the uninterrupted run, bit for bit.
     p = _start(workdir, jax_cache, every_step)
@@ -469,3 +471,212 @@ def test_nonfinite_step_stops_or_is_skipped(reference, tmp_path, jax_cache):
     assert int(state["step"]) == TOTAL_STEPS
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if x.dtype.kind == "f")
     assert not _identical(state["params"], _state(reference[0])[0]["params"])  # the skips changed the course
+
+
+# --------------------------------------------------------------------------- 6. preemption of a multi-process run
+
+
+def _two_processes(workdir, tmp_path, cache, *flags, tag):
+    port = _free_port()
+    return [_start(workdir, cache, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                   *flags, devices=4, log=str(tmp_path / f"{tag}.p{i}.log")) for i in range(2)]
+
+
+def _stopped_at(procs) -> int:
+    """The step every process logged as its stop step (they must agree)."""
+    found = [re.findall(r"every process stops at step (\d+): saved a checkpoint at step (\d+); exiting", _text(p))
+             for p in procs]
+    assert all(len(f) == 1 and f[0][0] == f[0][1] for f in found), [_text(p)[-3000:] for p in procs]
+    assert found[0] == found[1], found
+    return int(found[0][0][0])
+
+
+def _sigterm_resume_and_compare(tmp_path, cache, flags, signal_to, after_step, reference_dir, total):
+    """Run two processes, SIGTERM the processes in SIGNAL_TO (1.5 s apart) once step AFTER_STEP is logged; both
+    must exit 0 within 120 s at one agreed step with its checkpoint; the same two commands then resume from it and
+    end where the uninterrupted REFERENCE_DIR ended. Returns the stop step."""
+    workdir = str(tmp_path / "run")
+    procs = _two_processes(workdir, tmp_path, cache, *flags, tag="first")
+    _wait_for(lambda: max(_steps(workdir), default=0) >= after_step, procs[0], what=f"step {after_step}")
+    at_signal = max(_steps(workdir))
+    t0 = time.time()
+    for k, i in enumerate(signal_to):
+        if k:
+            time.sleep(1.5)
+        procs[i].send_signal(signal.SIGTERM)
+    codes = [_finish(p, timeout=120) for p in procs]
+    took = time.time() - t0
+    stop = _stopped_at(procs)
+    print(f"SIGTERM to {signal_to} after step {at_signal}: exit codes {codes} after {took:.1f}s, stop step {stop}")
+    assert codes == [0, 0], [_text(p)[-3000:] for p in procs]
+    assert took < 120 and stop > after_step
+    complete, partial = _ckpt_dirs(workdir)
+    assert complete[-1] == stop and not partial, (complete, partial)
+
+    procs = _two_processes(workdir, tmp_path, cache, *flags, tag="rerun")
+    for p in procs:
+        _ok(p)
+        assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {stop} " in _text(p)
+    (final, _), (ref, _) = _state(workdir), _state(reference_dir)
+    assert int(final["step"]) == total
+    for key in ("params", "teacher_params", "center"):
+        assert max_relative_error(ref[key], final[key]) <= 1e-5, key
+    ours, theirs = _steps(workdir), _steps(reference_dir)
+    assert sorted(ours) == sorted(theirs) == list(range(1, total + 1))
+    np.testing.assert_allclose([ours[s]["loss"] for s in sorted(ours)], [theirs[s]["loss"] for s in sorted(theirs)],
+                               rtol=1e-5, atol=0)
+    return stop
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_processes_on_checkpoint_steps(reference, tmp_path, jax_cache):
+    """Every step a checkpoint step (the stop step coincides with a scheduled save, which hung before)."""
+    _sigterm_resume_and_compare(tmp_path, jax_cache, ["--config.checkpoint_every_steps=1"], signal_to=(0, 1),
+                                after_step=5, reference_dir=reference[0], total=TOTAL_STEPS)
+
+
+LONG = ("--config.dataset=demo:train:512", "--config.epochs=1", "--config.checkpoint_every_steps=40")  # 64 steps
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_after_step_50(tmp_path, jax_cache):
+    """Issue #23's bar: SIGTERM to process 1 only, after step 50, checkpoints every 40 (off a checkpoint step)."""
+    reference_dir = str(tmp_path / "uninterrupted")
+    _ok(_start(reference_dir, jax_cache, *LONG))
+    stop = _sigterm_resume_and_compare(tmp_path, jax_cache, LONG, signal_to=(1,), after_step=50,
+                                       reference_dir=reference_dir, total=64)
+    assert stop % 40
+
+
+# ------------------------------------------------------------------------------------ 7. config on resume
+
+
+def _meta(**changes):
+    from reliability_config import get_config
+
+    saved = get_config()
+    return {"config": saved.to_dict(), "steps_per_epoch": 8}, _config(**changes)
+
+
+def _config(**changes):
+    from reliability_config import get_config
+
+    c = get_config()
+    for k, v in changes.items():
+        c[k] = v
+    return c
+
+
+def test_resume_refuses_changes_of_meaning_in_one_message():
+    from dino_jax import train
+    from dino_jax.config import UserError
+
+    meta, config = _meta(optimizer="sgd", epochs=3, out_dim=32, lr=0.1)
+    with pytest.raises(UserError) as e:
+        train._check_resumable(meta, config, 8, "/w/checkpoints")
+    message = str(e.value)
+    assert message == ("/w/checkpoints holds a checkpoint of a run with another epochs (2 there, 3 now); optimizer "
+                       "('adamw' there, 'sgd' now); out_dim (64 there, 32 now): it cannot resume with these changed. "
+                       "Use another --workdir, or resume with the checkpoint's values: --config.epochs=2 "
+                       "--config.optimizer=adamw --config.out_dim=64"), message
+    meta, config = _meta(batch_size=16, allow_resume_changes="batch_size")  # never allowed
+    with pytest.raises(UserError, match=r"another batch_size \(8 there, 16 now\)"):
+        train._check_resumable(meta, config, 4, "/w/checkpoints")
+    meta, config = _meta()
+    with pytest.raises(UserError, match="with 8 steps per epoch, and dataset=demo:train:64 at batch_size=8 now gives 9 "
+                                        r"\(the dataset's size changed\)"):
+        train._check_resumable(meta, config, 9, "/w/checkpoints")
+
+
+def test_resume_with_safe_changes_proceeds_and_others_need_naming(caplog):
+    import logging
+
+    from dino_jax import train
+    from dino_jax.config import UserError
+
+    meta, config = _meta(log_every_steps=7, checkpoint_every_steps=3, eval_every_epochs=1, stop_after_epochs=1,
+                         max_checkpoints=9)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        train._check_resumable(meta, config, 8, "/w/checkpoints")  # safe: no error
+    assert "resuming with log_every_steps=7 (the checkpoint's run had 1)" in caplog.text
+
+    meta, config = _meta(lr=0.1, seed=3)
+    with pytest.raises(UserError) as e:
+        train._check_resumable(meta, config, 8, "/w/checkpoints")
+    assert str(e.value) == ("/w/checkpoints holds a checkpoint of a run with another lr (0.0005 there, 0.1 now); seed "
+                            "(0 there, 3 now). To resume with these changes say so: "
+                            "--config.allow_resume_changes=lr,seed; or resume with the checkpoint's values "
+                            "(--config.lr=0.0005 --config.seed=0), or use another --workdir."), str(e.value)
+    with pytest.raises(UserError, match=r"another seed \(0 there, 3 now\)\. To resume.*allow_resume_changes=seed;"):
+        train._check_resumable(meta, _config(lr=0.1, seed=3, allow_resume_changes="lr"), 8, "/w/checkpoints")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train._check_resumable(meta, _config(lr=0.1, seed=3, allow_resume_changes="lr, seed"), 8, "/w/checkpoints")
+    assert [r.getMessage() for r in caplog.records] == ["resuming with lr=0.1 (the checkpoint's run had 0.0005)",
+                                                        "resuming with seed=3 (the checkpoint's run had 0)"]
+
+
+@pytest.mark.slow
+def test_resume_records_the_config_in_force_and_refuses_in_one_line(reference, tmp_path, jax_cache):
+    """The run resumes from step 12 with an allowed lr change: its later checkpoint records the new lr (not the first
+    run's), so an unchanged rerun needs no allow and a change back does. A refused change is one line, no traceback,
+    and touches nothing."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(reference[0], "checkpoints"), os.path.join(workdir, "checkpoints"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "16"))
+    assert _ckpt_dirs(workdir)[0] == [12]
+    p = _start(workdir, jax_cache, "--config.lr=0.001", "--config.allow_resume_changes=lr")
+    _ok(p)
+    assert "resuming with lr=0.001 (the checkpoint's run had 0.0005)" in _text(p)
+    _, meta = _state(workdir)
+    assert int(meta["epoch"]) == 2 and meta["config"]["lr"] == 0.001 and meta["config"]["allow_resume_changes"] == "lr"
+
+    r = subprocess.run([sys.executable, WORKER, f"--config={CONFIG}", f"--workdir={workdir}", "--config.epochs=3",
+                        "--config.optimizer=sgd"], cwd=ROOT, env=_env(jax_cache), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("FATAL ") and "another epochs (2 there, 3 now); optimizer ('adamw' there, 'sgd' now)" in last
+
+
+# ------------------------------------------------------------------------------- 8. config checked before any work
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optimizer", "adam", "--config.optimizer='adam': unknown value; use one of adamw, sgd, lars"),
+    ("dataset", "tfds", "--config.dataset='tfds': expected tfds:NAME[:SPLIT]"),
+    ("dataset", "imagenet", "--config.dataset='imagenet': unknown kind 'imagenet'"),
+    ("dataset", "demo:test", "--config.dataset='demo:test': expected demo[:SPLIT][:N]"),
+    ("local_crop_size", 20, "--config.local_crop_size=20: must be a multiple of patch_size=8"),
+    ("global_crops_scale", (0.5, 0.2), "--config.global_crops_scale=(0.5, 0.2): must be (min, max) with 0 < min"),
+    ("allow_resume_changes", "lr,sed", "--config.allow_resume_changes='lr,sed': no config key called 'sed'"),
+    ("batch_size", 0, "--config.batch_size=0: must be a whole number >= 1"),
+])
+def test_invalid_config_fails_before_the_workdir_exists(tmp_path, key, value, message):
+    from dino_jax import train
+    from dino_jax.config import UserError
+
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.train_and_evaluate(_config(**{key: value}), str(workdir))
+    assert str(e.value).startswith(message), str(e.value)
+    assert not workdir.exists()
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    """Through the real entry point: an invalid value, an unwritable workdir, a folder with no image."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    cases = [(["--config.optimizer=adam"], str(tmp_path / "run"), "--config.optimizer='adam': unknown value"),
+             ([], str(blocker / "run"), f"cannot write to --workdir={blocker / 'run'}"),
+             ([f"--config.dataset=folder:{tmp_path / 'data'}"], str(tmp_path / "run2"),
+              f"folder:{tmp_path / 'data'}: no image files")]
+    for flags, workdir, message in cases:
+        r = subprocess.run([sys.executable, "-m", "dino_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+                            *flags], cwd=ROOT, env=_env(str(tmp_path / "cache"), 1), capture_output=True, text=True,
+                           timeout=300)
+        lines = [line for line in r.stderr.splitlines() if line.startswith("FATAL")]
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert len(lines) == 1 and lines[0].startswith(f"FATAL {message}"), r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
