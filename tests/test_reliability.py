@@ -416,6 +416,31 @@ def test_jpeg_with_corrupt_data_is_skipped(tmp_path, caplog):
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
+def test_jpeg_cut_short_is_named_once_and_used(tmp_path, caplog):
+    """A JPEG cut in half still decodes (libjpeg fills the rest with grey, and names no file): one warning names it
+    at the folder scan, and the example stays in the dataset."""
+    import io
+    import logging
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from dino_jax.data import sources
+
+    images = _image_folder(tmp_path / "data", n=6)
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(np.repeat(images[0], 8, 0), 8, 1)).save(buf, "JPEG")
+    (tmp_path / "data" / "c0" / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    (tmp_path / "data" / "c0" / "whole.jpg").write_bytes(buf.getvalue())
+    with caplog.at_level(logging.WARNING):
+        source = sources.load_source(f"folder:{tmp_path / 'data'}")
+    warnings = [r.getMessage() for r in caplog.records if "end-of-image" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith(f"decodes as grey: {tmp_path / 'data' / 'c0' / 'cut.jpg'}")
+    assert source.num_examples == 10  # 6 PNGs, the 2 tiny ones and the 2 JPEGs (garbage.jpg is skipped)
+    cut = [i for i in range(source.num_examples) if tf.reduce_all(source.load(i)["image"][-1] == 128)]
+    assert len(cut) == 1 and source.load(cut[0])["image"].shape == (256, 256, 3)
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused_and_kept(reference, tmp_path, jax_cache):
     workdir = str(tmp_path / "run")

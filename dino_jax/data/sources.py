@@ -190,7 +190,7 @@ def tfds_source(name: str, split: str, *, data_dir: Optional[str] = None) -> Sou
 # ---------------------------------------------------------------- image folder
 
 # How each file is decoded: by TF in the graph (fast) or by PIL in a py_function (formats or modes TF lacks).
-_TF_JPEG, _TF_OTHER, _PIL = 0, 1, 2
+_TF_JPEG, _TF_OTHER, _PIL, _TF_JPEG_CUT = 0, 1, 2, 3  # _TF_JPEG_CUT: a JPEG with no end-of-image marker
 _TF_MODES = {"RGB", "L", "RGBA", "LA", "P", "CMYK", "I;16", "I;16B"}
 
 
@@ -201,10 +201,11 @@ def _probe(path: str) -> Optional[int]:
     try:
         with paths.Path(path).open("rb") as f, Image.open(f) as im:
             fmt, mode = im.format, im.mode
+            cut = fmt == "JPEG" and f.seek(-2, os.SEEK_END) >= 0 and f.read(2) != b"\xff\xd9"
     except Exception:  # PIL raises many types for unreadable files
         return None
     if fmt == "JPEG" and mode in _TF_MODES:
-        return _TF_JPEG
+        return _TF_JPEG_CUT if cut else _TF_JPEG
     if fmt in ("PNG", "BMP", "GIF") and mode in _TF_MODES:
         return _TF_OTHER
     return _PIL
@@ -235,7 +236,7 @@ def decode_file(path, how):
         image = tf.py_function(_pil_decode, [path], tf.uint8)
         return tf.ensure_shape(image, [None, None, 3])
 
-    return tf.switch_case(how, [tf_jpeg, tf_other, pil])
+    return tf.switch_case(how, [tf_jpeg, tf_other, pil, tf_jpeg])
 
 
 def decode_or_flag(path, how):
@@ -284,6 +285,10 @@ def folder_source(path: str, num_threads: int = 16, max_substitutes: int = 16) -
     if bad:
         logging.warning("folder:%s: skipping %d unreadable file(s): %s%s", path, len(bad), ", ".join(bad[:10]),
                         " ..." if len(bad) > 10 else "")
+    cut = [f for f, h in zip(files, how) if h == _TF_JPEG_CUT]
+    if cut:  # libjpeg's own "Premature end of JPEG file" names no file
+        logging.warning("folder:%s: %d JPEG file(s) end before their end-of-image marker (cut short?); their missing "
+                        "part decodes as grey: %s%s", path, len(cut), ", ".join(cut[:10]), " ..." if len(cut) > 10 else "")
     keep = [i for i, h in enumerate(how) if h is not None]
     if not keep:
         raise ValueError(f"folder:{path}: none of the {len(files)} image files could be read")
