@@ -27,6 +27,23 @@ EXPECTED = {
 }
 
 
+# main_dino.py's argparse defaults and hard-coded values (student temperature, center momentum, head widths,
+# crop sizes), under the reference's names; batch_size is the global batch of 16 GPUs x 64.
+REFERENCE_DEFAULTS = dict(
+    arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
+    use_bn_in_head=False, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+    weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, batch_size=1024, epochs=100, freeze_last_layer=1,
+    lr=0.0005, warmup_epochs=10, min_lr=1e-6, optimizer="adamw", drop_path_rate=0.1,
+    global_crops_scale=(0.4, 1.0), local_crops_number=8, local_crops_scale=(0.05, 0.4), seed=0,
+    keep_every_epochs=20, student_temp=0.1, center_momentum=0.9, head_nlayers=3, head_hidden_dim=2048,
+    head_bottleneck_dim=256, global_crop_size=224, local_crop_size=96)
+
+
+def test_base_config_is_the_reference_defaults():
+    c = config_lib.base_config()
+    assert {k: c[k] for k in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
+
+
 def load(path):
     spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, path))
     module = importlib.util.module_from_spec(spec)
