@@ -3,7 +3,7 @@
     python scripts/demo_pictures.py --workdir /tmp/dino_demo [--out docs/images]
 
 Writes demo_knn.png (the teacher's k-NN top-1 and attention Jaccard at each evaluation, from metrics.jsonl, with
-the random-init values from summary.json at epoch 0) and demo_attention.png (the trainer's attention PNGs at
+the random-init values from summary.json, or the latest checkpoint's, at epoch 0) and demo_attention.png (the trainer's attention PNGs at
 random init and at the last evaluation, side by side).
 """
 from __future__ import annotations
@@ -19,10 +19,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def read_summary(workdir: str) -> dict:
+    """summary.json of a finished run; for a run still training, the summary in its latest checkpoint."""
+    path = os.path.join(workdir, "summary.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    from dino_jax import checkpoint
+
+    return checkpoint.Checkpointer(workdir).restore_meta()["summary"]
+
+
 def read_run(workdir: str):
     """(epochs, k-NN top-1, Jaccard) at init and at each evaluation of the run."""
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+    summary = read_summary(workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     spe = next((r["step"] / r["epoch"] for r in rows if r.get("epoch")), None)
@@ -71,7 +81,7 @@ def draw_attention(workdir: str, path: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="a finished run of python -m dino_jax.main")
+    parser.add_argument("--workdir", required=True, help="a run of python -m dino_jax.main")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "images"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
