@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import sys
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.models.vit import ARCHS
 
 TORCH_HINT = "reading or writing .pth files needs PyTorch (the CPU build is enough): pip install 'dino_jax[torch]'"
@@ -604,12 +604,12 @@ def _safe_globals() -> list:
 def load_torch_file(path: str):
     """torch.load on the CPU with the safe (weights-only) unpickler, allowing what reference checkpoints hold."""
     torch = _import_torch()
-    if not os.path.isfile(path):
+    if not paths.Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
     allow = getattr(torch.serialization, "safe_globals", None)
     with allow(_safe_globals()) if allow else contextlib.nullcontext():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return paths.torch_load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - the unpickler raises several types; all mean "not loadable"
             lines = [line for line in str(e).splitlines() if "Unsupported global" in line] or str(e).splitlines()
             raise ValueError(f"{path}: not loadable with torch's safe (weights-only) unpickler: {lines[0].strip()}") \
@@ -626,7 +626,7 @@ def load_pretrained(path: str, checkpoint_key: str = "teacher") -> tuple[dict, d
     The info has arch, patch_size, embed_dim, depth, num_heads, img_size, and pos_embed_interp when the source
     records it. For a dino_jax folder, checkpoint_key 'teacher' reads teacher_params and 'student' params.
     """
-    if os.path.isdir(path) or "://" in path:
+    if paths.Path(path).is_dir():
         from dino_jax import checkpoint
 
         if checkpoint_key not in ("teacher", "student"):
@@ -672,7 +672,7 @@ def torch_file_to_workdir(path: str, workdir: str, *, checkpoint_key: str = "tea
 
     print(f"reading {path}", flush=True)
     obj = load_torch_file(path)
-    meta: dict[str, Any] = {"converted_from": os.path.abspath(path)}
+    meta: dict[str, Any] = {"converted_from": paths.absolute(path)}
     if is_full_checkpoint(obj):
         if arch or patch_size:
             torch_to_flax(obj, checkpoint_key="teacher", arch=arch, patch_size=patch_size)
@@ -709,7 +709,7 @@ def torch_file_to_workdir(path: str, workdir: str, *, checkpoint_key: str = "tea
     print(f"saving to {ckpt.directory}/{int(state.step)}", flush=True)
     ckpt.save(int(state.step), state, meta, force=True)
     ckpt.close()
-    return os.path.join(ckpt.directory, str(int(state.step)))
+    return paths.join(ckpt.directory, str(int(state.step)))
 
 
 def workdir_to_torch_file(workdir: str, path: str, *, checkpoint_key: str = "teacher", full: bool = False) -> None:
@@ -719,7 +719,7 @@ def workdir_to_torch_file(workdir: str, path: str, *, checkpoint_key: str = "tea
 
     from dino_jax import checkpoint, dino
 
-    torch = _import_torch()
+    _import_torch()  # its clear error before any work
     print(f"reading {workdir}", flush=True)
     if not full:
         params, info = load_pretrained(workdir, checkpoint_key)
@@ -747,8 +747,7 @@ def workdir_to_torch_file(workdir: str, path: str, *, checkpoint_key: str = "tea
         out = state_to_reference_checkpoint(state, config, epoch)
         print(f"full checkpoint at epoch {epoch} (step {int(state.step)}): student, teacher, optimizer "
               f"({len(out['optimizer']['state'])} tensors with state), dino_loss.center, args", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(out, path)
+    paths.torch_save(out, path)
     print(f"wrote {path}", flush=True)
 
 
@@ -771,7 +770,7 @@ def main(argv=None) -> None:
     parser.add_argument("--to_torch", action="store_true", help="dino_jax -> reference .pth")
     parser.add_argument("--full", action="store_true", help="with --to_torch: a full training checkpoint")
     args = parser.parse_args(argv)
-    if not os.path.exists(args.input) and "://" not in args.input:
+    if not paths.Path(args.input).exists():
         sys.exit(f"--input {args.input}: no such file or folder")
     if args.full and not args.to_torch:
         sys.exit("--full goes with --to_torch (a .pth full checkpoint is detected automatically the other way)")

@@ -12,14 +12,13 @@ reference downloads its released weights); --output writes the per-block mAP as 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import numpy as np
 
 from dino_jax import eval_knn as common
+from dino_jax import paths
 
 
 def get_args_parser():
@@ -41,14 +40,14 @@ def get_args_parser():
 def _optional_images(path: str, what: str) -> list[str]:
     from dino_jax.evaluation import images as imgs
 
-    if not path or not os.path.isdir(path):
+    if not path or not paths.Path(path).is_dir():
         if path:
             print(f"note: --{what} {path} is not a folder; going without", flush=True)
         return []
-    paths = imgs.list_images(path)
-    if not paths:
+    found = imgs.list_images(path)
+    if not found:
         sys.exit(f"--{what} {path} holds no images ({', '.join(imgs.IMAGE_EXTENSIONS)})")
-    return paths
+    return found
 
 
 def main(argv=None):
@@ -66,8 +65,8 @@ def main(argv=None):
     model, params, _ = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     t0 = time.time()
 
-    def extract(paths, name):
-        return cd.extract_descriptors(model, params, paths, args.imsize, args.batch_size_per_gpu, name=name)
+    def extract(files, name):
+        return cd.extract_descriptors(model, params, files, args.imsize, args.batch_size_per_gpu, name=name)
 
     queries = {name: extract(files, name) for name, files in blocks.items()}
     print(f"Extraction of queries features done: {sum(len(q) for q in queries.values())} images in "
@@ -88,10 +87,9 @@ def main(argv=None):
     for name, m in results.items():
         print(f"eval on {name} mAP={m:.3f}")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump({"mAP": results, "num_database": int(len(database)), "whitening": bool(whitening),
-                       "imsize": args.imsize, "pretrained_weights": args.pretrained_weights}, f, indent=2)
+        paths.write_json(args.output, {"mAP": results, "num_database": int(len(database)),
+                                       "whitening": bool(whitening), "imsize": args.imsize,
+                                       "pretrained_weights": args.pretrained_weights}, indent=2)
         print(f"results written to {args.output}", flush=True)
     return results
 

@@ -13,14 +13,13 @@ model); --output writes the numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import numpy as np
 
 from dino_jax import eval_knn as common
+from dino_jax import paths
 from dino_jax.eval_linear import bool_flag
 
 
@@ -50,7 +49,7 @@ def main(argv=None):
     model, params, _ = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     db_paths = [ret.image_path(cfg, n) for n in cfg["imlist"]]
     q_paths = [ret.image_path(cfg, n) for n in cfg["qimlist"]]
-    missing = [p for p in db_paths + q_paths if not os.path.isfile(p)]
+    missing = [p for p in db_paths + q_paths if not paths.Path(p).is_file()]
     if missing:
         sys.exit(f"{len(missing)} images listed in gnd_{args.dataset}.pkl are missing, e.g. {missing[0]}")
     print(f"train: {len(db_paths)} imgs / query: {len(q_paths)} imgs", flush=True)
@@ -66,11 +65,9 @@ def main(argv=None):
     print(f">> {args.dataset}: mP@k{ks} M: {np.around([m['mP@k'][k] for k in ks], 2)}, "
           f"H: {np.around([h['mP@k'][k] for k in ks], 2)}", flush=True)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump({"dataset": args.dataset, "imsize": args.imsize, "multiscale": args.multiscale,
-                       "crop_queries": args.crop_queries, "pretrained_weights": args.pretrained_weights, **res},
-                      f, indent=2)
+        paths.write_json(args.output, {"dataset": args.dataset, "imsize": args.imsize, "multiscale": args.multiscale,
+                                       "crop_queries": args.crop_queries,
+                                       "pretrained_weights": args.pretrained_weights, **res}, indent=2)
         print(f"results written to {args.output}", flush=True)
     return res
 

@@ -14,13 +14,14 @@ holds the plumbing the other evaluation CLIs share.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 import sys
 import time
 
 import jax
 import numpy as np
+
+from dino_jax import paths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def load_backbone(pretrained_weights: str, checkpoint_key: str = "teacher", arch
     from dino_jax.models.vit import build_vit
 
     if pretrained_weights:
-        if not os.path.exists(pretrained_weights) and "://" not in pretrained_weights:
+        if not paths.Path(pretrained_weights).exists():
             sys.exit(f"--pretrained_weights {pretrained_weights}: no such file or folder. Pass a dino_jax workdir "
                      "(the --workdir of a training run) or a reference .pth file.")
         from dino_jax import convert
@@ -126,11 +127,11 @@ def open_train_val(args, image_size: int | None = None, info: dict | None = None
     demo = kind == "demo"
     if kind == "folder":
         for sub in ("train", "val"):
-            if not os.path.isdir(os.path.join(rest, sub)):
-                sys.exit(f"{os.path.join(rest, sub)} is not a folder; --data_path/--dataset folder:PATH must hold "
+            if not paths.Path(rest, sub).is_dir():
+                sys.exit(f"{paths.join(rest, sub)} is not a folder; --data_path/--dataset folder:PATH must hold "
                          "train/ and val/ ImageFolders (train/<class>/<image>, val/<class>/<image>)")
-        train = sources.load_source(f"folder:{os.path.join(rest, 'train')}", grayscale=grey)
-        val = sources.load_source(f"folder:{os.path.join(rest, 'val')}", grayscale=grey)
+        train = sources.load_source(f"folder:{paths.join(rest, 'train')}", grayscale=grey)
+        val = sources.load_source(f"folder:{paths.join(rest, 'val')}", grayscale=grey)
     elif kind == "tfds":
         name = rest.partition(":")[0]
         train = sources.load_source(f"tfds:{name}", "train", data_dir=args.data_dir, grayscale=grey)
@@ -172,29 +173,28 @@ FEATURE_FILES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
 
 
 def dump_features(path: str, arrays):
-    os.makedirs(path, exist_ok=True)
     try:
         import torch
     except ImportError:
         torch = None
     for name, a in zip(FEATURE_FILES, arrays):
         if torch is not None:
-            torch.save(torch.from_numpy(np.ascontiguousarray(a)), os.path.join(path, f"{name}.pth"))
+            paths.torch_save(torch.from_numpy(np.ascontiguousarray(a)), paths.join(path, f"{name}.pth"))
         else:
-            np.save(os.path.join(path, f"{name}.npy"), a)
+            buf = io.BytesIO()
+            np.save(buf, a)
+            paths.write_bytes(paths.join(path, f"{name}.npy"), buf.getvalue())
     print(f"features written to {path}", flush=True)
 
 
 def load_features(path: str):
     out = []
     for name in FEATURE_FILES:
-        pth, npy = os.path.join(path, f"{name}.pth"), os.path.join(path, f"{name}.npy")
-        if os.path.exists(pth):
-            import torch
-
-            out.append(torch.load(pth, map_location="cpu").numpy())
-        elif os.path.exists(npy):
-            out.append(np.load(npy))
+        pth, npy = paths.Path(path, f"{name}.pth"), paths.Path(path, f"{name}.npy")
+        if pth.exists():
+            out.append(paths.torch_load(pth).numpy())
+        elif npy.exists():
+            out.append(np.load(io.BytesIO(npy.read_bytes())))
         else:
             sys.exit(f"--load_features {path}: missing {name}.pth (or .npy); it must hold trainfeat, testfeat, "
                      "trainlabels and testlabels as written by --dump_features")
@@ -251,12 +251,10 @@ def main(argv=None):
         print(f"{k}-NN classifier result: Top1: {results[k]['top1']}, Top5: {results[k]['top5']}")
     print(knn.format_table(results), flush=True)
     if args.output and jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump({"results": {str(k): v for k, v in results.items()}, "temperature": args.temperature,
-                       "num_train": int(len(train_f)), "num_test": int(len(test_f)), "num_classes": num_classes,
-                       "pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key},
-                      f, indent=2)
+        paths.write_json(args.output, {
+            "results": {str(k): v for k, v in results.items()}, "temperature": args.temperature,
+            "num_train": int(len(train_f)), "num_test": int(len(test_f)), "num_classes": num_classes,
+            "pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}, indent=2)
         print(f"results written to {args.output}", flush=True)
     return results
 

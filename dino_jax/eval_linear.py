@@ -15,8 +15,6 @@ loadable by the reference's LinearClassifier and by --evaluate.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -24,6 +22,7 @@ import jax
 import numpy as np
 
 from dino_jax import eval_knn as common
+from dino_jax import paths
 
 
 def bool_flag(s):
@@ -84,7 +83,7 @@ def main(argv=None):
                                             args.n_last_blocks, args.avgpool_patchtokens)
 
     if args.evaluate:
-        path = args.linear_weights or os.path.join(args.output_dir, "checkpoint.pth.tar")
+        path = args.linear_weights or paths.join(args.output_dir, "checkpoint.pth.tar")
         lin = linear.load_linear_weights(path)
         if lin["kernel"].shape[0] != feat_dim:
             sys.exit(f"{path} expects {lin['kernel'].shape[0]}-d features but this backbone with --n_last_blocks "
@@ -120,11 +119,10 @@ def main(argv=None):
     result = linear.train_linear(train_epoch, val_feature_batches, feat_dim, num_labels, epochs=args.epochs, lr=lr,
                                  val_freq=args.val_freq, seed=args.seed, output_dir=args.output_dir)
     if jax.process_index() == 0 and args.output_dir:
-        with open(os.path.join(args.output_dir, "linear_summary.json"), "w") as f:
-            json.dump({"best_acc": result["best_acc"], "last": result["last"], "epochs": args.epochs, "lr": lr,
-                       "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,
-                       "pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}, f,
-                      indent=2)
+        paths.write_json(paths.join(args.output_dir, "linear_summary.json"), {
+            "best_acc": result["best_acc"], "last": result["last"], "epochs": args.epochs, "lr": lr,
+            "n_last_blocks": args.n_last_blocks, "avgpool_patchtokens": args.avgpool_patchtokens,
+            "pretrained_weights": args.pretrained_weights, "checkpoint_key": args.checkpoint_key}, indent=2)
     return result
 
 

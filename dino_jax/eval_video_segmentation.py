@@ -15,12 +15,12 @@ davis2017-evaluation); --score_only scores an existing output folder (e.g. the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from dino_jax import eval_knn as common
+from dino_jax import paths
 
 
 def get_args_parser():
@@ -42,12 +42,11 @@ def get_args_parser():
 
 
 def read_video_list(args) -> list[str]:
-    path = os.path.join(args.data_path, args.video_list)
-    if not os.path.isfile(path):
+    path = paths.join(args.data_path, args.video_list)
+    if not paths.Path(path).is_file():
         sys.exit(f"{path}: no such file; --data_path must be a DAVIS folder with {args.video_list} "
                  "(one video name a line), JPEGImages/480p/ and Annotations/480p/")
-    with open(path) as f:
-        videos = [line.strip() for line in f if line.strip()]
+    videos = [line.strip() for line in paths.Path(path).read_text().splitlines() if line.strip()]
     if not videos:
         sys.exit(f"{path} lists no videos")
     return videos
@@ -95,9 +94,7 @@ def main(argv=None):
           f"{scores['F-Recall']:8.3f}")
     for name, s in scores["per_object"].items():
         print(f"  {name}: J {s['J']:.3f}  F {s['F']:.3f}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "scores.json"), "w") as f:
-        json.dump(scores, f, indent=2)
+    paths.write_json(paths.join(args.output_dir, "scores.json"), scores, indent=2)
     return scores
 
 

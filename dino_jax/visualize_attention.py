@@ -12,13 +12,12 @@ no --image_path a bundled scikit-image photo (skimage.data.chelsea) is used inst
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
 
 from dino_jax import eval_knn as common
+from dino_jax import paths
 
 
 def load_image(path: str | None, image_size, grey: bool = False) -> np.ndarray:
@@ -27,9 +26,9 @@ def load_image(path: str | None, image_size, grey: bool = False) -> np.ndarray:
     from PIL import Image
 
     if path:
-        if not os.path.isfile(path):
+        if not paths.Path(path).is_file():
             sys.exit(f"--image_path {path}: no such file")
-        img = Image.open(path).convert("RGB")
+        img = paths.open_image(path).convert("RGB")
     else:
         import skimage.data
 
@@ -45,9 +44,9 @@ def load_mask(path: str, image_size) -> np.ndarray:
     """Ground-truth mask as bool (H, W): any image, resized nearest; foreground = above half its value range."""
     from PIL import Image
 
-    if not os.path.isfile(path):
+    if not paths.Path(path).is_file():
         sys.exit(f"--mask_path {path}: no such file")
-    m = Image.open(path)
+    m = paths.open_image(path)
     m = m.convert("L") if m.mode not in ("L", "1", "P") else m
     h, w = image_size
     a = np.asarray(m.resize((w, h), Image.NEAREST))
@@ -95,8 +94,7 @@ def main(argv=None):
                   "best_head_jaccard": float(max(per_head)), "mean_map_jaccard": mean_map}
         print(f"Jaccard at threshold {t}: per head {[round(v, 3) for v in per_head]}, best head "
               f"{result['best_head']} ({result['best_head_jaccard']:.3f}), head-mean map {mean_map:.3f}")
-        with open(os.path.join(args.output_dir, "jaccard.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        paths.write_json(paths.join(args.output_dir, "jaccard.json"), result, indent=2)
         return result
     return None
 

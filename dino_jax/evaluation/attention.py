@@ -17,12 +17,14 @@ over a set of images:
 from __future__ import annotations
 
 import functools
-import os
+import io
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dino_jax import paths
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -192,7 +194,7 @@ def _overlay(plt, path, image, mask, color=(1.0, 0.2, 0.2)):
     ax.imshow(out, interpolation="nearest")
     if m.any() and not m.all():
         ax.contour(m.astype(float), levels=[0.5], colors=[color], linewidths=1)
-    fig.savefig(path, dpi=100)
+    paths.savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -204,26 +206,27 @@ def save_attention_pngs(outdir: str, image, attn, masks=None, patch: int = 16, t
     masks: (heads, h, w) bool from `threshold_masks`, or None.
     """
     plt = _plt()
-    os.makedirs(outdir, exist_ok=True)
     img = display_image(image)
     attn_px = upsample_nearest(attn, patch)
     img = img[:attn_px.shape[1], :attn_px.shape[2]]
     written = []
 
-    def save(name, array, **kw):
-        path = os.path.join(outdir, name)
-        plt.imsave(path, array, **kw)
+    def save(name, array):
+        path = paths.join(outdir, name)
+        buf = io.BytesIO()
+        plt.imsave(buf, array, format="png")
+        paths.write_bytes(path, buf.getvalue())
         written.append(path)
 
     save("img.png", img)
     for j in range(attn_px.shape[0]):
-        save(f"attn-head{j}.png", attn_px[j], format="png")
-    save("attn-mean.png", attn_px.mean(0), format="png")
+        save(f"attn-head{j}.png", attn_px[j])
+    save("attn-mean.png", attn_px.mean(0))
     if masks is not None:
         masks_px = upsample_nearest(masks, patch)
         t = threshold if threshold is not None else "x"
         for j in range(masks_px.shape[0]):
-            path = os.path.join(outdir, f"mask_th{t}_head{j}.png")
+            path = paths.join(outdir, f"mask_th{t}_head{j}.png")
             _overlay(plt, path, img, masks_px[j])
             written.append(path)
     return written
@@ -257,7 +260,6 @@ def save_attention_grid(path: str, model, params, images, patch: int | None = No
             if i == 0:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
+    paths.savefig(fig, path, dpi=80)
     plt.close(fig)
     return path

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.evaluation import images as imgs
 from dino_jax.evaluation.image_retrieval import average_precision
 from dino_jax.evaluation.knn import l2_normalize
@@ -29,15 +30,15 @@ TOPK = 20  # the reference scores the top 20 results of each query
 
 def find_blocks(data_path: str) -> dict[str, list[str]]:
     """{block name: sorted .jpg paths} for the Copydays blocks present, in the reference's order."""
-    if not os.path.isdir(os.path.join(data_path, "original")):
+    if not paths.Path(data_path, "original").is_dir():
         raise FileNotFoundError(f"{os.path.join(data_path, 'original')} is not a folder; --data_path must be a "
                                 "Copydays-layout folder with original/ and query blocks (strong/, jpegqual/Q/, "
                                 "crops/C/)")
     blocks = {}
     for name in BLOCKS:
         d = os.path.join(data_path, name)
-        if os.path.isdir(d):
-            blocks[name] = [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".jpg")]
+        if paths.Path(d).is_dir():
+            blocks[name] = [paths.join(d, p.name) for p in sorted(paths.Path(d).iterdir()) if p.name.endswith(".jpg")]
     if not blocks["original"]:
         raise FileNotFoundError(f"{os.path.join(data_path, 'original')} holds no .jpg images")
     return blocks

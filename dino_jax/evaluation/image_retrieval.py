@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.evaluation import images as imgs
 from dino_jax.evaluation.knn import l2_normalize
 
@@ -28,11 +29,10 @@ MULTISCALE = (1.0, 1.0 / 2 ** 0.5, 0.5)
 def load_dataset(data_path: str, dataset: str) -> dict:
     """The ground-truth file as a dict plus `dir_images`; errors name the missing file or key."""
     gnd_file = os.path.join(data_path, dataset, f"gnd_{dataset}.pkl")
-    if not os.path.isfile(gnd_file):
+    if not paths.Path(gnd_file).is_file():
         raise FileNotFoundError(f"{gnd_file}: no such file; --data_path must hold {dataset}/gnd_{dataset}.pkl and "
                                 f"{dataset}/jpg/ (the revisitop layout)")
-    with open(gnd_file, "rb") as f:
-        cfg = pickle.load(f)
+    cfg = pickle.loads(paths.Path(gnd_file).read_bytes())
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
             raise KeyError(f"{gnd_file} has no '{key}'; a revisited ground-truth file holds imlist, qimlist and gnd")

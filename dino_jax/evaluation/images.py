@@ -8,11 +8,11 @@ taps clamped, which the reference relies on for its multi-scale features and lab
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.evaluation.attention import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp")  # the reference's list
@@ -20,21 +20,18 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "w
 
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files in `folder` (not recursive)."""
-    if not os.path.isdir(folder):
+    if not paths.Path(folder).is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    return [paths.join(folder, p.name) for p in sorted(paths.Path(folder).iterdir())
+            if p.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
 
 
 def open_rgb(path: str):
     """A PIL RGB image; truncated files load as far as they go (the reference sets LOAD_TRUNCATED_IMAGES too)."""
-    from PIL import Image, ImageFile
+    from PIL import ImageFile
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such image file")
     ImageFile.LOAD_TRUNCATED_IMAGES = True
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    return paths.open_image(path).convert("RGB")
 
 
 def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

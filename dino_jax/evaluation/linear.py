@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dino_jax import paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -172,21 +173,16 @@ def save_linear_weights(path: str, lin, **extra) -> str:
     import torch
 
     sd = {k: torch.from_numpy(v) for k, v in to_reference_state_dict(lin).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"state_dict": sd, **extra}, tmp)
-    os.replace(tmp, path)
+    paths.torch_save({"state_dict": sd, **extra}, path)
     return path
 
 
 def load_linear_weights(path: str) -> dict:
     """Linear params from a reference `*_linearweights.pth` / `checkpoint.pth.tar` written by either codebase."""
-    import torch
-
-    if not os.path.exists(path):
+    if not paths.Path(path).exists():
         raise FileNotFoundError(f"linear weights {path} not found; pass --linear_weights PATH (a reference "
                                 "*_linearweights.pth or the checkpoint.pth.tar an --output_dir run wrote)")
-    return from_reference_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    return from_reference_state_dict(paths.torch_load(path, weights_only=False))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,8 +203,6 @@ def train_linear(train_epoch: Callable[[int], Iterable[Mapping]], val_batches: C
     lin = init_linear(seed, feat_dim, num_labels)
     momentum = jax.tree.map(jnp.zeros_like, lin)
     best, history, last = 0.0, [], None
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
     for epoch in range(epochs):
         lr_e = cosine_annealing_lr(lr, epoch, epochs)
         t0, losses, n_steps = time.time(), [], 0
@@ -226,14 +220,15 @@ def train_linear(train_epoch: Callable[[int], Iterable[Mapping]], val_batches: C
             log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, lr {lr_e:.3g}, val acc1 {last['acc1']:.2f} "
                 f"acc5 {last['acc5']:.2f} (best {best:.2f}) [{time.time() - t0:.1f}s]")
             if output_dir and save_weights and jax.process_index() == 0:
-                save_linear_weights(os.path.join(output_dir, "checkpoint.pth.tar"), lin, epoch=epoch + 1,
+                save_linear_weights(paths.join(output_dir, "checkpoint.pth.tar"), lin, epoch=epoch + 1,
                                     best_acc=best)
         else:
             log(f"epoch {epoch}: train loss {stats['train_loss']:.4f}, lr {lr_e:.3g} [{time.time() - t0:.1f}s]")
         history.append(stats)
         if output_dir and jax.process_index() == 0:
-            with open(os.path.join(output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            log_txt = paths.GrowingFile(paths.join(output_dir, "log.txt"))
+            log_txt.write((json.dumps(stats) + "\n").encode())
+            log_txt.close()
     log(f"Training of the supervised linear classifier on frozen features completed.\n"
         f"Top-1 test accuracy: {best:.1f}")
     return {"best_acc": best, "last": last, "history": history, "params": lin}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import os
 from typing import Iterable, Sequence
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax import paths
 from dino_jax.evaluation import images as imgs
 
 FRAME_MEAN = (0.485, 0.456, 0.406)
@@ -65,15 +67,11 @@ def read_frame(path: str, short_side: int = 480) -> tuple[np.ndarray, tuple[int,
 
 def read_indexed(path: str) -> np.ndarray:
     """Label indices (H, W) uint8 of an indexed (palette) or greyscale PNG."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such annotation/mask file")
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L", "1"):
-            raise ValueError(f"{path}: mode {im.mode}; annotations must be indexed (palette) or greyscale PNGs "
-                             "whose values are object ids")
-        return np.asarray(im, np.uint8)
+    im = paths.open_image(path)
+    if im.mode not in ("P", "L", "1"):
+        raise ValueError(f"{path}: mode {im.mode}; annotations must be indexed (palette) or greyscale PNGs "
+                         "whose values are object ids")
+    return np.asarray(im, np.uint8)
 
 
 def read_seg(path: str, patch: int, short_side: int = 480) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +94,9 @@ def write_indexed_png(path: str, labels: np.ndarray, palette: np.ndarray | None 
         raise ValueError(f"an indexed PNG needs a 2-D label array, got shape {labels.shape}")
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
     im.putpalette((davis_palette() if palette is None else palette).ravel().tolist())
-    im.save(path, format="PNG")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    paths.write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,18 +191,17 @@ def segment_video(model, params, frame_paths: Sequence[str], annotation_path: st
     (the first is the annotation itself). Returns the written paths."""
     if not frame_paths:
         raise ValueError(f"no frames for {out_dir}")
-    os.makedirs(out_dir, exist_ok=True)
     patch = model.patch_size
     first_seg, seg_ori = read_seg(annotation_path, patch, short_side)
     _, ori_hw = read_frame(frame_paths[0], short_side)
     palette = davis_palette()
     names = [os.path.splitext(os.path.basename(p))[0] + ".png" for p in frame_paths]
-    written = [os.path.join(out_dir, names[0])]
+    written = [paths.join(out_dir, names[0])]
     write_indexed_png(written[0], seg_ori, palette)
     features = (frame_tokens(model, params, read_frame(p, short_side)[0]) for p in frame_paths)
     soft = propagate(features, first_seg, n_last_frames, size_mask_neighborhood, topk, temperature)
     for name, s in zip(names[1:], soft):
-        written.append(os.path.join(out_dir, name))
+        written.append(paths.join(out_dir, name))
         write_indexed_png(written[-1], to_mask(s, patch, ori_hw), palette)
     return written
 
@@ -297,9 +296,9 @@ def score_results(data_path: str, results_dir: str, videos: Sequence[str]) -> di
     per_object, jm, jr, fm, fr = {}, [], [], [], []
     for video in videos:
         ann_dir = os.path.join(data_path, "Annotations", "480p", video)
-        if not os.path.isdir(ann_dir):
+        if not paths.Path(ann_dir).is_dir():
             raise FileNotFoundError(f"{ann_dir} is not a folder: no ground truth to score {video} against")
-        names = sorted(f for f in os.listdir(ann_dir) if f.endswith(".png"))
+        names = sorted(p.name for p in paths.Path(ann_dir).iterdir() if p.name.endswith(".png"))
         if len(names) < 3:
             print(f"note: {video} has {len(names)} annotated frames; DAVIS scores frames 1..T-2, so it is skipped")
             continue
