@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 
@@ -17,6 +18,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_small(fig, path: str, dpi: int = 80):
+    """A PNG with a 128-colour palette: a fraction of the size of a full-colour one, for a file kept in git."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    Image.open(buffer).convert("RGB").quantize(128).save(path, optimize=True)
 
 
 def read_summary(workdir: str) -> dict:
@@ -58,8 +69,7 @@ def draw_curves(workdir: str, path: str):
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_small(fig, path)
 
 
 def draw_attention(workdir: str, path: str):
@@ -75,8 +85,7 @@ def draw_attention(workdir: str, path: str):
         ax.set_axis_off()
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_small(fig, path)
 
 
 def main():
