@@ -277,7 +277,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             pending.append((step, metrics))
             done = step + 1
             epoch_end = done % spe == 0
-            stop = stop_request(done)
+            stop = stop_request(done) and done < end_step  # at the end: finish normally (evaluation, summary)
             if done % config.log_every_steps == 0 or epoch_end or done == end_step or stop:
                 last = _drain(pending, config, writer, ckpt, last_saved)  # waits for the device: timing is true
                 now = time.time()
