@@ -109,7 +109,8 @@ class Checkpointer:
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be restored: "
             + "; ".join(f"{self._step_dir(s)}: {why}" for s, why in damaged)
-            + ". Move them away to start from scratch, or use another --workdir.")
+            + ". If another version of dino_jax wrote them, resume with that version; to start from scratch, use "
+            "another --workdir (or move them away).")
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(str(self.directory), str(step))
