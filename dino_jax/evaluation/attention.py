@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,3 @@
+from dino_jax.convert.cli import main
+
+main()
