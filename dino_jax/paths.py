@@ -122,7 +122,7 @@ class GrowingFile:
     continues the file). A local file is appended to and flushed at every write, so readers see each line at once.
     """
 
-    def __init__(self, path, every_seconds: float = 30.0):
+    def __init__(self, path, every_seconds: float = 120.0):  # tf.summary's default flush interval
         self.path, self.every_seconds = Path(path), every_seconds
         makedirs_for(path)
         if is_url(path):

@@ -27,10 +27,10 @@ class TrainingStopped(RuntimeError):
 class Writer:
     """metrics.jsonl + TensorBoard events, written by process 0 only, through `paths` (so also to a bucket).
 
-    TensorBoard events are written with tensorboard's record format rather than tf.summary, whose files go through
-    TensorFlow's own filesystems and so could not follow the path layer. One events file per process start, as
-    tf.summary does. On a URL both files are uploaded every 30 s and at flush(): flush before each checkpoint so that
-    a resumed run loses no line.
+    TensorBoard events are written in tensorboard's record format rather than with tf.summary, so that they go
+    through the path layer like every other file. One events file per process start, as tf.summary does. On a URL
+    both files are uploaded every 2 minutes and at flush(): flush before each checkpoint so that a resumed run loses
+    no line.
     """
 
     def __init__(self, workdir: str):

@@ -148,8 +148,6 @@ def _train_state(config, steps_per_epoch: int, params, teacher_params, rng=None)
                            center=jnp.zeros((1, config.out_dim), jnp.float32), rng=rng, apply_fn=model, tx=tx)
 
 
-
-
 def _check_tree(got, want, what: str) -> None:
     import jax
 
