@@ -202,16 +202,17 @@ def make_train_step(config, steps_per_epoch: int):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(state):
-            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params, step=step)
             params = optax.apply_updates(state.params, updates)
             teacher_params = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * s, state.teacher_params,
                                           params)
             return state.replace(params=params, teacher_params=teacher_params, opt_state=opt_state,
                                  center=update_center(state.center, teacher_output, center_momentum))
 
-        # A non-finite step never reaches the state: the old state is kept (the step number still advances)
-        # and `finite` tells the loop, which stops or, if configured, skips and continues. A cond, not a
-        # select over the whole state, which cost an extra pass over every array of it per step.
+        # A non-finite step never reaches the state: the old state is kept (the step number still advances,
+        # and the optimiser reads lr, wd and the freeze at `step`, so they stay on schedule) and `finite`
+        # tells the loop, which stops or, if configured, skips and continues. A cond, not a select over the
+        # whole state, which cost an extra pass over every array of it per step.
         new_state = jax.lax.cond(finite, update, lambda state: state, state).replace(step=step + 1)
         metrics = {
             "loss": loss, "lr": at("lr", step), "wd": at("wd", step), "momentum": momentum,

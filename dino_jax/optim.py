@@ -6,11 +6,14 @@ What differs from the usual optax recipe, and why:
   prototype gain ARE decayed (the reference's `get_params_groups`); its value follows the wd cosine.
 - During the last-layer freeze the reference sets the prototypes' gradient to None, so PyTorch skips them
   entirely: no moment update, no weight decay, and their per-parameter Adam step counter does not advance.
-  Here the prototypes get their own copy of the optimiser whose state is held still during the freeze; its
-  schedules are offset by the freeze length so it reads the same lr/wd as everything else.
+  Here the prototypes get their own copy of the optimiser whose state is held still during the freeze.
+- lr, weight decay and the end of the freeze are read at the global step, which `update` takes as `step=`
+  (the reference indexes every schedule by the iteration), so a skipped non-finite step, whose optimiser state
+  the train step keeps, leaves them on schedule. Adam's step count, like PyTorch's per-parameter `step`, counts
+  the updates applied (fp16's GradScaler skips a step without advancing it either).
 - Adam's bias corrections 1 - beta^t are computed as -expm1(t log beta): optax's float32 power gives
   1 - 0.999 with a relative error of 1.3e-5, the largest difference from PyTorch, which computes them in float64.
-lr and wd are looked up per iteration in the precomputed reference schedules (see `schedules.py`).
+lr and wd come from the precomputed per-iteration reference schedules (see `schedules.py`).
 """
 from __future__ import annotations
 
@@ -39,24 +42,24 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
 
 
 class FrozenState(NamedTuple):
-    count: jax.Array
     inner: optax.OptState
 
 
-def frozen_for(inner: optax.GradientTransformation, num_steps: int) -> optax.GradientTransformation:
-    """Zero updates and an untouched inner state for the first `num_steps` calls (PyTorch's grad=None skip)."""
+def frozen_for(inner: optax.GradientTransformation, num_steps: int) -> optax.GradientTransformationExtraArgs:
+    """Zero updates and an untouched inner state while step < `num_steps` (PyTorch's grad=None skip)."""
+    inner = optax.with_extra_args_support(inner)
 
     def init(params):
-        return FrozenState(jnp.zeros([], jnp.int32), inner.init(params))
+        return FrozenState(inner.init(params))
 
-    def update(updates, state, params=None):
-        new_updates, new_inner = inner.update(updates, state.inner, params)
-        frozen = state.count < num_steps
+    def update(updates, state, params=None, *, step):
+        new_updates, new_inner = inner.update(updates, state.inner, params, step=step)
+        frozen = step < num_steps
         new_updates = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
         new_inner = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.inner, new_inner)
-        return new_updates, FrozenState(state.count + 1, new_inner)
+        return new_updates, FrozenState(new_inner)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
@@ -90,38 +93,59 @@ def is_prototype_path(path) -> bool:
     return any(getattr(k, "key", None) == "last_layer" for k in path)
 
 
-def lookup(schedule: np.ndarray, offset: int = 0):
-    """An optax schedule reading a precomputed per-iteration array (clamped at its last value)."""
-    table = np.asarray(schedule, np.float32)  # numpy: an optimiser built under a trace holds no tracer
-
-    def fn(count):
-        return jnp.asarray(table)[jnp.minimum(count + offset, len(schedule) - 1)]
-
-    return fn
+def _at(table: np.ndarray, step):
+    """table[step], clamped at the last value (a numpy table: an optimiser built under a trace holds no tracer)."""
+    return jnp.asarray(table)[jnp.minimum(step, len(table) - 1)]
 
 
-def base_optimizer(name: str, lr, wd) -> optax.GradientTransformation:
-    """One reference optimiser with lr/wd schedules; the decay mask is applied by the caller's params."""
+def add_decayed_weights(wd_schedule: np.ndarray) -> optax.GradientTransformationExtraArgs:
+    """update + wd[step] * param where `decay_mask` says so."""
+    table = np.asarray(wd_schedule, np.float32)
+
+    def update(updates, state, params=None, *, step):
+        wd = _at(table, step)
+        return jax.tree.map(lambda u, p, m: u + wd * p if m else u, updates, params, decay_mask(params)), state
+
+    return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def scale_by_learning_rate(lr_schedule: np.ndarray) -> optax.GradientTransformationExtraArgs:
+    """-lr[step] * update; the state counts the updates applied (what convert.py writes as PyTorch's `step`)."""
+    table = np.asarray(lr_schedule, np.float32)
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, step):
+        lr = _at(table, step)
+        return (jax.tree.map(lambda u: -lr * u, updates),
+                optax.ScaleByScheduleState(count=optax.safe_increment(state.count)))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def base_optimizer(name: str, lr_schedule: np.ndarray, wd_schedule: np.ndarray) -> optax.GradientTransformation:
+    """One reference optimiser; `update` takes the global step as `step=`."""
+    decay, lr = add_decayed_weights(wd_schedule), scale_by_learning_rate(lr_schedule)
     if name == "adamw":  # torch.optim.AdamW defaults: betas (0.9, 0.999), eps 1e-8, decoupled decay times lr
-        return optax.chain(scale_by_adam(0.9, 0.999, 1e-8), optax.add_decayed_weights(wd, decay_mask),
-                           optax.scale_by_learning_rate(lr))
+        return optax.chain(scale_by_adam(0.9, 0.999, 1e-8), decay, lr)
     if name == "sgd":  # torch SGD(momentum=0.9): coupled decay goes through the momentum buffer
-        return optax.chain(optax.add_decayed_weights(wd, decay_mask), optax.trace(decay=0.9),
-                           optax.scale_by_learning_rate(lr))
+        return optax.chain(decay, optax.trace(decay=0.9), lr)
     if name == "lars":  # the reference's LARS: decay and trust ratio on non-1-D tensors, then momentum, then lr
         not_1d = lambda params: jax.tree.map(lambda p: p.ndim != 1, params)  # noqa: E731
-        return optax.chain(optax.add_decayed_weights(wd, decay_mask),
-                           optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), not_1d),
-                           optax.trace(decay=0.9), optax.scale_by_learning_rate(lr))
+        return optax.chain(decay, optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), not_1d),
+                           optax.trace(decay=0.9), lr)
     raise ValueError(f"config.optimizer must be 'adamw', 'sgd' or 'lars', got {name!r}")
 
 
 def make_optimizer(name: str, lr_schedule: np.ndarray, wd_schedule: np.ndarray, *, clip_grad: float,
-                   freeze_last_layer_steps: int) -> optax.GradientTransformation:
-    """The full DINO optimiser: per-tensor clip, then the optimiser with the prototypes frozen at first."""
-    n = freeze_last_layer_steps
-    rest = base_optimizer(name, lookup(lr_schedule), lookup(wd_schedule))
-    prototypes = frozen_for(base_optimizer(name, lookup(lr_schedule, n), lookup(wd_schedule, n)), n)
+                   freeze_last_layer_steps: int) -> optax.GradientTransformationExtraArgs:
+    """The full DINO optimiser: per-tensor clip, then the optimiser with the prototypes frozen at first.
+
+    `tx.update(grads, opt_state, params, step=global_step)`.
+    """
+    rest = base_optimizer(name, lr_schedule, wd_schedule)
+    prototypes = frozen_for(base_optimizer(name, lr_schedule, wd_schedule), freeze_last_layer_steps)
     labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: "prototypes" if is_prototype_path(path) else "rest", params)
     tx = optax.partition({"rest": rest, "prototypes": prototypes}, labels)
