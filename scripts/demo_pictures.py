@@ -3,8 +3,8 @@
     python scripts/demo_pictures.py --workdir /tmp/dino_demo [--out docs/images]
 
 Writes demo_knn.png (the teacher's k-NN top-1 and attention Jaccard at each evaluation, from metrics.jsonl, with
-the random-init values from summary.json, or the latest checkpoint's, at epoch 0) and demo_attention.png (the trainer's attention PNGs at
-random init and at the last evaluation, side by side).
+the random-init values from summary.json, or the latest checkpoint's, at epoch 0) and demo_attention.png (the
+trainer's attention PNGs at random init and at the last evaluation, side by side).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 
 import matplotlib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -91,7 +92,7 @@ def draw_attention(workdir: str, path: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run of python -m dino_jax.main")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "images"))
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "images"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     draw_curves(args.workdir, os.path.join(args.out, "demo_knn.png"))

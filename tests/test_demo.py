@@ -91,3 +91,15 @@ def test_visualize_attention_on_a_demo_image(demo_run, tmp_path):
     assert len(scores["per_head"]) == heads and all(0.0 <= s <= 1.0 for s in scores["per_head"])
     attn = np.asarray(Image.open(out / "attn-mean.png"))
     assert attn.std() > 0  # a real map, not a blank picture
+
+
+@pytest.mark.slow
+def test_the_readme_pictures_are_drawn_from_the_run(demo_run, tmp_path):
+    from PIL import Image
+
+    workdir, summary, _ = demo_run
+    _run(["scripts/demo_pictures.py", "--workdir", str(workdir), "--out", str(tmp_path)], timeout=300)
+    for name in ("demo_knn.png", "demo_attention.png"):
+        image = Image.open(tmp_path / name)
+        assert image.size[0] > 400 and (tmp_path / name).stat().st_size < 100_000, (name, image.size)
+        assert np.asarray(image.convert("L")).std() > 10  # drawn, not blank
