@@ -33,7 +33,7 @@ def join(path, *parts) -> str:
 
 
 def walk(top):
-    """(folder, subfolders, files) as strings under `top`, like os.walk (which follows links here, as before)."""
+    """(folder, subfolders, files) as strings under `top`, like os.walk; local folders follow symlinks."""
     if not is_url(top):
         yield from os.walk(top, followlinks=True)
         return
@@ -50,10 +50,6 @@ def makedirs(path):
 def makedirs_for(path):
     """The folder that will hold the file `path`."""
     makedirs(Path(absolute(path)).parent)
-
-
-def read_json(path):
-    return json.loads(Path(path).read_text())
 
 
 def write_json(path, obj, **kwargs):

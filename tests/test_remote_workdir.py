@@ -139,9 +139,9 @@ def test_training_writes_everything_to_the_bucket_and_resumes_from_it(gcs, train
     assert metrics.startswith(first["metrics"])  # the resumed run kept run 1's lines and went on after them
     steps = [m["step"] for m in _metrics(metrics) if "loss" in m]
     assert steps == list(range(1, 9)), steps
-    summary = paths.read_json(paths.join(RUN, "summary.json"))
+    summary = json.loads(paths.Path(RUN, "summary.json").read_text())
     assert summary["steps"] == 8 and "knn_top1" in summary and "knn_top1_random_init" in summary
-    assert paths.read_json(paths.join(RUN, "config.json"))["batch_size"] == 16
+    assert json.loads(paths.Path(RUN, "config.json").read_text())["batch_size"] == 16
 
     events = sorted(f for f in files if f.startswith("tb/"))
     assert len(events) == 2, events  # one events file per process start, as tf.summary writes them
@@ -164,11 +164,11 @@ def test_eval_cli_and_conversion_read_from_the_bucket(gcs, trained):
     from dino_jax import paths
     from dino_jax.data import demo
 
-    summary = paths.read_json(paths.join(RUN, "summary.json"))
+    summary = json.loads(paths.Path(RUN, "summary.json").read_text())
     out = f"gs://{BUCKET}/evals"
     log = _run(gcs, "dino_jax.eval_knn", "--pretrained_weights", RUN, "--nb_knn", "20", "--output", f"{out}/knn.json")
     assert "repeating the training run's k-NN protocol" in log
-    knn = paths.read_json(f"{out}/knn.json")
+    knn = json.loads(paths.Path(f"{out}/knn.json").read_text())
     assert abs(knn["results"]["20"]["top1"] - summary["knn_top1"]) <= 0.1, (knn, summary)
 
     images, _, masks = demo.generate(1, 32, seed=7, grayscale=False)
