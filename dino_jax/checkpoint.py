@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
 from dino_jax import paths
@@ -37,7 +36,7 @@ def _directory(workdir: str) -> str:
 
 def latest_step(workdir: str) -> int | None:
     """The highest step folder under WORKDIR/checkpoints, read without opening a manager (cheap, before any work)."""
-    directory = epath.Path(_directory(workdir))
+    directory = paths.Path(_directory(workdir))
     if not directory.is_dir():
         return None
     return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
@@ -113,11 +112,11 @@ class Checkpointer:
             "another --workdir (or move them away).")
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(str(self.directory), str(step))
+        return paths.join(self.directory, str(step))
 
     def _set_aside(self, damaged, restored_step):
         """Move damaged checkpoints out of the manager's sight (later saves reuse their step numbers)."""
-        aside = epath.Path(os.path.dirname(str(self.directory))) / "checkpoints_damaged"
+        aside = paths.Path(self.directory).parent / "checkpoints_damaged"
         for step, why in damaged:
             logging.warning("checkpoint %s is damaged: %s; restored the previous complete one, %s, instead; the "
                             "damaged one is moved to %s", self._step_dir(step), why, self._step_dir(restored_step),
@@ -128,7 +127,7 @@ class Checkpointer:
                 target = aside / str(step)
                 if target.exists():
                     target.rmtree()
-                epath.Path(self._step_dir(step)).rename(target)
+                paths.Path(self._step_dir(step)).rename(target)
         multihost_utils.sync_global_devices("dino_jax:checkpoint:set_aside")
         self.manager.reload()
 

@@ -124,7 +124,9 @@ def test_flipped_bytes_are_caught_by_the_checksum_not_by_the_reader(tmp_path):
 
     directory = _write(tmp_path)
     _flip_bytes(os.path.join(directory, "2"))
-    raw, meta = checkpoint.Checkpointer(str(tmp_path), read_only=True).restore_raw(2, verify=False)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+    raw, meta = ckpt.restore_raw(2, verify=False)
+    ckpt.close()
     assert not np.array_equal(raw["params"]["w"], np.asarray(_state(2).params["w"]))
     bad = [k for k, v in checkpoint.checksums(jax.tree.map(np.asarray, raw)).items() if meta["checksums"][k] != v]
     assert bad == ["['params']['w']"]
