@@ -454,10 +454,35 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(reference, tmp_p
     p = _start(workdir, jax_cache, "--config.head_bottleneck_dim=8")
     assert _finish(p) != 0
     log = _text(p)
-    assert ("holds a checkpoint with head_bottleneck_dim=16, but the config says 8. Use another --workdir, or "
-            "--config.head_bottleneck_dim=16 to resume.") in log, log[-3000:]
+    assert ("holds a checkpoint of a run with another head_bottleneck_dim (16 there, 8 now): it cannot resume with "
+            "these changed. Use another --workdir, or resume with the checkpoint's value: "
+            "--config.head_bottleneck_dim=16") in log, log[-3000:]
+    assert "Traceback" not in log
     assert "is not compatible with the stored shape" not in log
     assert listing() == before  # nothing lost or touched
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_path, jax_cache):
+    """64 flipped bytes in the final checkpoint's largest array file: the rerun falls back to step 12, says so,
+    and ends bit-identical to the uninterrupted run."""
+    from test_checkpoint_integrity import _flip_bytes
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(reference[0], "checkpoints"), os.path.join(workdir, "checkpoints"))
+    shutil.copy(os.path.join(reference[0], "metrics.jsonl"), workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert _ckpt_dirs(workdir)[0] == [12, 16]
+    _flip_bytes(os.path.join(ckpts, "16"))
+    p = _start(workdir, jax_cache)
+    _ok(p)
+    log = _text(p)
+    assert re.search(f"checkpoint {re.escape(os.path.join(ckpts, '16'))} is damaged: .*; restored the previous "
+                     f"complete one, {re.escape(os.path.join(ckpts, '12'))}, instead", log), log[-3000:]
+    assert f"resumed from {ckpts} at step 12 " in log
+    assert os.listdir(os.path.join(workdir, "checkpoints_damaged")) == ["16"]
+    (final, _), (ref, _) = _state(workdir), _state(reference[0])
+    assert int(final["step"]) == TOTAL_STEPS and _identical(final, ref)
 
 
 # ------------------------------------------------------------------------------------------ 4. non-finite steps
