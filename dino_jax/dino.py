@@ -165,13 +165,14 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def create_train_state(config, model: MultiCropModel, steps_per_epoch: int, rng) -> TrainState:
-    """A fresh state: random student, identical teacher, zero center, the reference optimiser."""
+def create_train_state(config, model: MultiCropModel, steps_per_epoch: int, rng, params=None) -> TrainState:
+    """A state at step 0: a random student (or `params`), identical teacher, zero center, the reference optimiser."""
     sched = schedules.training_schedules(config, steps_per_epoch)
     tx = optim.make_optimizer(config.optimizer, sched["lr"], sched["wd"], clip_grad=config.clip_grad,
                               freeze_last_layer_steps=config.freeze_last_layer * steps_per_epoch)
     init_rng, rng = jax.random.split(rng)
-    params = model.init(init_rng, config.global_crop_size)
+    if params is None:
+        params = model.init(init_rng, config.global_crop_size)
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       teacher_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                       center=jnp.zeros((1, config.out_dim), jnp.float32), rng=rng, apply_fn=model, tx=tx)

@@ -125,27 +125,19 @@ def reference_checkpoint_to_state(ckpt: dict, config, *, steps_per_epoch: int | 
 
 
 def _train_state(config, steps_per_epoch: int, params, teacher_params, rng=None):
-    """dino.create_train_state's state at step 0 around given params, checked against the config's model.
-    Built here rather than there because initialising a model eagerly compiles every initialiser op by op."""
+    """dino.create_train_state around given student and teacher params, checked against the config's model."""
     import jax
     import jax.numpy as jnp
 
-    from dino_jax import dino, optim, schedules
+    from dino_jax import dino
 
     model = dino.build_model(config)
     rng = jax.random.PRNGKey(config.seed) if rng is None else rng
-    init_rng, rng = jax.random.split(rng)
-    shapes = jax.eval_shape(lambda r: model.init(r, config.global_crop_size), init_rng)
+    shapes = jax.eval_shape(lambda r: model.init(r, config.global_crop_size), rng)
     _check_tree(params, shapes, "student")
     _check_tree(teacher_params, shapes, "teacher")
-    sched = schedules.training_schedules(config, steps_per_epoch)
-    tx = optim.make_optimizer(config.optimizer, sched["lr"], sched["wd"], clip_grad=config.clip_grad,
-                              freeze_last_layer_steps=config.freeze_last_layer * steps_per_epoch)
-    params = jax.tree.map(jnp.asarray, params)
-    return dino.TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                           teacher_params=jax.tree.map(jnp.asarray, teacher_params),
-                           opt_state=jax.jit(tx.init)(params),  # one compilation instead of one per leaf shape
-                           center=jnp.zeros((1, config.out_dim), jnp.float32), rng=rng, apply_fn=model, tx=tx)
+    state = dino.create_train_state(config, model, steps_per_epoch, rng, params=jax.tree.map(jnp.asarray, params))
+    return state.replace(teacher_params=jax.tree.map(jnp.asarray, teacher_params))
 
 
 def _check_tree(got, want, what: str) -> None:
