@@ -106,8 +106,9 @@ def check_writable(folder, name: str):
         makedirs(folder)
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        raise OSError(f"cannot write to {name} ({e.strerror or e}); choose a folder or bucket you can write to") from e
+    except Exception as e:  # noqa: BLE001 (each filesystem raises its own types: OSError, tf.errors, HTTP errors)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(f"cannot write to {name} ({reason}); choose a folder or bucket you can write to") from e
 
 
 class GrowingFile:
