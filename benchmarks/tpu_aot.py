@@ -147,7 +147,20 @@ def analyse(config, topology: str, batch_size: int = 0, steps_per_epoch: int = 0
     global_flops = float(_cost(lower_step(config, jax.devices("cpu")[:1], batch_size, spe)).get("flops", 0.0))
     print(f"compiling for {topology} ({n} devices), global batch {batch_size}...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    compiled = lower_step(config, devices, batch_size, spe).compile()
+    try:
+        compiled = lower_step(config, devices, batch_size, spe).compile()
+    except Exception as e:  # XLA:TPU refuses a program whose temporaries alone exceed HBM: report by how much
+        used = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", str(e))
+        if used is None:
+            raise
+        need, have = (float(used.group(i)) * 2 ** (10 * " KMGT".index(used.group(i + 1))) for i in (1, 3))
+        return {"topology": topology, "devices": n, "chips": chips, "devices_per_chip": per_chip,
+                "hosts": len({d.process_index for d in devices}), "device_kind": devices[0].device_kind,
+                "global_batch": batch_size, "batch_per_chip": batch_size / chips,
+                "compile_s": time.perf_counter() - start, "fits": False, "hbm_fraction": need / have,
+                "per_chip_bytes": need * per_chip, "hbm_bytes": have * per_chip, "work_split": float("nan"),
+                "global_flops": global_flops, "xla_error": str(e).strip().splitlines()[0],
+                "memory_label": "per chip: temporaries alone vs usable HBM"}
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     per_device = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
@@ -172,28 +185,34 @@ def analyse(config, topology: str, batch_size: int = 0, steps_per_epoch: int = 0
 def report(r: dict) -> str:
     """The table, ending with the `fits=0|1 hbm_fraction=X work_split=Y` line."""
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
-    pd, k = r["per_device"], r["devices_per_chip"]
+    k = r["devices_per_chip"]
     rows = [
         ("topology", f"{r['topology']} ({r['device_kind']})"),
         ("chips / devices / hosts", f"{r['chips']} / {r['devices']} / {r['hosts']}"),
         ("global batch / per chip", f"{r['global_batch']} / {r['batch_per_chip']:g}"),
         ("compile time", f"{r['compile_s']:.0f} s"),
-        ("per chip: arguments", gib(pd["arguments"] * k)),
-        ("per chip: temporaries", gib(pd["temporaries"] * k)),
-        ("per chip: outputs", f"{gib(pd['outputs'] * k)} ({gib(pd['aliased'] * k)} of them in donated arguments)"),
-        ("per chip: total vs HBM", f"{gib(r['per_chip_bytes'])} of {gib(r['hbm_bytes'])} "
-                                   f"({100 * r['hbm_fraction']:.1f} %)"),
-        ("flops per chip", f"{r['flops_per_device'] * k / 1e12:.3f} TFLOP"),
-        ("global flops / chips", f"{r['global_flops'] / r['chips'] / 1e12:.3f} TFLOP"),
     ]
-    for kind, (count, size) in r["collectives"].items():
-        rows.append((f"collective {kind}", f"{count} ops, {size / 2 ** 20:.1f} MiB"))
-    if not r["collectives"]:
+    if "per_device" in r:
+        pd = r["per_device"]
+        rows += [
+            ("per chip: arguments", gib(pd["arguments"] * k)),
+            ("per chip: temporaries", gib(pd["temporaries"] * k)),
+            ("per chip: outputs", f"{gib(pd['outputs'] * k)} ({gib(pd['aliased'] * k)} of them in donated arguments)"),
+        ]
+    rows.append((r.get("memory_label", "per chip: total vs HBM"),
+                 f"{gib(r['per_chip_bytes'])} of {gib(r['hbm_bytes'])} ({100 * r['hbm_fraction']:.1f} %)"))
+    if "flops_per_device" in r:
+        rows.append(("flops per chip", f"{r['flops_per_device'] * k / 1e12:.3f} TFLOP"))
+    rows.append(("global flops / chips", f"{r['global_flops'] / r['chips'] / 1e12:.3f} TFLOP"))
+    for kind, (count, size) in r.get("collectives", {}).items():
+        rows.append((f"collective {kind} (per device)", f"{count} ops, {size / 2 ** 20:.1f} MiB"))
+    if r.get("collectives") == {}:
         rows.append(("collectives", "none"))
-    if r["optimal_seconds"] > 0:
+    if r.get("optimal_seconds", -1.0) > 0:
         rows.append(("step time (XLA cost-model estimate)", f"{r['optimal_seconds'] * 1e3:.1f} ms"))
     if not r["fits"]:
-        rows.append(("DOES NOT FIT", f"over the chip's HBM by {gib(r['per_chip_bytes'] - r['hbm_bytes'])}"))
+        rows.append(("DOES NOT FIT", f"over the chip's HBM by {gib(r['per_chip_bytes'] - r['hbm_bytes'])}"
+                                     + (f" (XLA: {r['xla_error']})" if "xla_error" in r else "")))
     width = max(len(a) for a, _ in rows)
     lines = [f"{a:<{width}}  {b}" for a, b in rows]
     lines.append(f"fits={int(r['fits'])} hbm_fraction={r['hbm_fraction']:.3f} work_split={r['work_split']:.3f}")

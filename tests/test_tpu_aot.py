@@ -72,3 +72,11 @@ def test_unknown_topology_is_a_one_line_error_listing_the_accepted_forms():
     assert last.startswith("error: unknown TPU topology 'v5litepod-8'") and "v5e:2x4" in last and "v4:2x2x1" in last
     with pytest.raises(ValueError, match="v5e:AxB"):
         tpu_aot.parse_topology("v5e:2x2x2")
+
+
+def test_a_step_that_does_not_fit_says_by_how_much():
+    r = tpu_aot.analyse(tiny_config(), "v5e:2x2", batch_size=400000, steps_per_epoch=10)  # 100k images per chip
+    assert not r["fits"] and r["hbm_fraction"] > 1.5, r
+    lines = tpu_aot.report(r).splitlines()
+    assert any(line.startswith("DOES NOT FIT") and "over the chip's HBM by" in line for line in lines)
+    assert lines[-1].startswith("fits=0 hbm_fraction=")
