@@ -1,7 +1,8 @@
 """The training loop: mesh, data, state, steps, periodic evaluation, checkpoints and logging.
 
 Everything numerical happens in `dino.make_train_step`; this file only moves data and writes things down.
-The loop never waits on the device between log steps: metrics stay on device until they are printed.
+Metrics stay on device until a log step prints them, and the loop dispatches at most `MAX_STEPS_AHEAD` steps
+ahead of the device: enough to keep it busy, and a stop request (SIGTERM) is then a stop within that many steps.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from jax.experimental import multihost_utils
 
 from dino_jax import checkpoint, dino, paths, sharding
 from dino_jax import config as config_lib
+
+
+# JAX dispatches steps asynchronously: unbounded, the loop could run up to log_every_steps ahead of a busy device
+# (it otherwise waits only to print metrics), and a stop request would wait for all of those steps before its save.
+MAX_STEPS_AHEAD = 2
 
 
 class TrainingStopped(RuntimeError):
@@ -275,6 +281,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             batch = next(batches)
             state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
+            if len(pending) > MAX_STEPS_AHEAD:
+                pending[-MAX_STEPS_AHEAD - 1][1]["loss"].block_until_ready()
             done = step + 1
             epoch_end = done % spe == 0
             stop = stop_request(done) and done < end_step  # at the end: finish normally (evaluation, summary)
