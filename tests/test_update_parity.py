@@ -126,15 +126,13 @@ def jax_run(c, init, batches, devices=1):
     the reference's state-dict layout."""
     from dino_jax import sharding
 
-    model, rng = dino.build_model(c), jax.random.PRNGKey(0)
-    # The state's structure, optimiser and model from create_train_state, without its eager random init.
-    state = jax.eval_shape(lambda r: dino.create_train_state(c, model, SPE, r), rng)
+    model = dino.build_model(c)
     params = jax.tree.map(jnp.asarray, convert.torch_to_flax(init[0], norm_last_layer=c.norm_last_layer))
     teacher = jax.tree.map(jnp.asarray, convert.torch_to_flax(init[1], norm_last_layer=c.norm_last_layer))
-    assert jax.tree.structure(params) == jax.tree.structure(state.params)
-    state = state.replace(step=jnp.zeros([], jnp.int32), params=params, teacher_params=teacher,
-                          opt_state=jax.jit(state.tx.init)(params), center=jnp.zeros(state.center.shape),
-                          rng=jax.random.PRNGKey(1))
+    shapes = jax.eval_shape(lambda r: model.init(r, c.global_crop_size), jax.random.PRNGKey(0))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, shapes)
+    state = dino.create_train_state(c, model, SPE, jax.random.PRNGKey(0), params=params)
+    state = state.replace(teacher_params=teacher)
     mesh = sharding.make_mesh()
     assert mesh.size == devices, mesh
     step = sharding.jit_train_step(dino.make_train_step(c, SPE), mesh)
