@@ -186,6 +186,8 @@ def test_eval_cli_and_conversion_read_from_the_bucket(gcs, trained):
     assert sum(n.startswith("mask_th0.6_head") for n in written) == heads
 
     _run(gcs, "dino_jax.convert", "--to_torch", "--input", RUN, "--output", f"{out}/teacher.pth")
+    import jax
+
     from dino_jax import checkpoint, convert
 
     sd = paths.torch_load(f"{out}/teacher.pth", weights_only=True)
@@ -194,6 +196,15 @@ def test_eval_cli_and_conversion_read_from_the_bucket(gcs, trained):
     assert sorted(sd) == sorted(expected)
     for k in expected:
         np.testing.assert_array_equal(sd[k].numpy(), expected[k].numpy(), err_msg=k)
+
+    # and back: the .pth on the bucket (a file, not a workdir) to a new workdir there
+    _run(gcs, "dino_jax.convert", "--input", f"{out}/teacher.pth", "--output", f"{out}/converted",
+         "--num_heads", str(heads))  # embed_dim 48 is not a multiple of the reference's head size
+    back, meta = checkpoint.load_params(f"{out}/converted")
+    assert meta["converted_from"] == f"{out}/teacher.pth"
+    for p, x in zip(*(jax.tree.leaves(t) for t in (back["teacher_params"]["backbone"],
+                                                   raw["teacher_params"]["backbone"]))):
+        np.testing.assert_array_equal(p, x)
 
 
 @pytest.mark.slow
