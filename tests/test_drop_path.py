@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import torch
 
 import torch_reference as R
 from conftest import max_relative_error, tiny_config

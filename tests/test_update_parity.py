@@ -147,13 +147,11 @@ def jax_run(c, init, batches, devices=1):
         out["center"] = np.asarray(center, np.float64)
         return out
 
-    snaps, losses = [snapshot(state)], []
+    snaps = [snapshot(state)]
     for g, loc in batches:
-        batch = jax.device_put({"global": g, "local": loc}, sharding.batch_sharding(mesh))
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+        state, _ = step(state, jax.device_put({"global": g, "local": loc}, sharding.batch_sharding(mesh)))
         snaps.append(snapshot(state))
-    return snaps, losses
+    return snaps
 
 
 def _matching_keys(snap_ref, snap_jax):
@@ -235,7 +233,7 @@ def check(c, got, label, skip=None):
                                                         ("lars", False)])
 def test_updates_match_reference(optimizer, norm_last_layer):
     c = make_config(optimizer, norm_last_layer=norm_last_layer)
-    errors = check(c, lambda init, batches: jax_run(c, init, batches)[0], f"{optimizer} nll={norm_last_layer}")
+    errors = check(c, lambda init, batches: jax_run(c, init, batches), f"{optimizer} nll={norm_last_layer}")
     # The prototypes are frozen during epoch 0 and move afterwards, in both implementations.
     frozen = [step["student.head.last_layer.weight_v"][2] for step in errors]
     assert frozen[:SPE] == [0.0] * SPE and min(frozen[SPE:]) > 0, frozen
@@ -248,7 +246,7 @@ import test_update_parity as T
 with open({path!r}, "rb") as f:
     c, init, batches = pickle.load(f)
 with open({path!r}, "wb") as f:
-    pickle.dump(T.jax_run(c, init, batches, devices=8)[0], f)
+    pickle.dump(T.jax_run(c, init, batches, devices=8), f)
 """
 
 
@@ -268,7 +266,7 @@ def test_batchnorm_head_updates_match_reference(devices, tmp_path):
     """use_bn_in_head: the head's batch statistics are over all crops of the global batch (SyncBatchNorm)."""
     c = make_config("adamw", batch_size=8, use_bn_in_head=True, norm_last_layer=False)
     if devices == 1:
-        run = lambda init, batches: jax_run(c, init, batches)[0]  # noqa: E731
+        run = lambda init, batches: jax_run(c, init, batches)  # noqa: E731
     else:
         run = lambda init, batches: _jax_run_on_8_devices(c, init, batches, tmp_path)  # noqa: E731
     check(c, run, f"bn head, {devices} device(s)")
@@ -279,7 +277,7 @@ def test_a_skipped_step_keeps_every_schedule_on_the_global_step():
     does not run it, and every later update still matches: lr, weight decay, the unfreezing at step 2, momentum
     and teacher temperature follow the global iteration in both, and Adam's step count only counts updates."""
     c = make_config("adamw", norm_last_layer=False, skip_nonfinite_steps=True)
-    errors = check(c, lambda init, batches: jax_run(c, init, batches)[0], "adamw, step 1 skipped", skip=1)
+    errors = check(c, lambda init, batches: jax_run(c, init, batches), "adamw, step 1 skipped", skip=1)
     assert all(ej == 0 for ej, _, _ in errors[1].values())
 
 
