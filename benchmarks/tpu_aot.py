@@ -7,8 +7,8 @@ on compile-only devices of the named slice. The step is `sharding.jit_train_step
 the function and shardings train.py runs, on abstract inputs (state replicated, batch sharded on `data`).
 
 Work split: the global work is XLA's flop count of the same step lowered for one CPU device at the global batch
-(before optimisation; an HLO program's flops do not depend on the backend, and for ViT-S/16 this count, 7.30 TFLOP
-per 64 images, is within 1 % of the TPU compiler's 7.35), and work_split = global flops / (devices x the TPU
+(before optimisation; an HLO program's flops do not depend on the backend, and for ViT-S/16 this count, 7.296 TFLOP
+per 64 images, is 0.3 % below the TPU executable's 7.317 per chip at 64 images), and work_split = global flops / (devices x the TPU
 executable's flops per device): 1.0 when the data-parallel step divides the work, 1/devices when every device
 computes the whole batch. Memory per device is arguments + temporaries + outputs - the outputs written in place of
 donated arguments; a chip holds `devices_per_chip` devices (2 TensorCores per v4 chip in these compile-only
@@ -23,7 +23,6 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")  # no local TPU to probe for
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: other processes may hold libtpu too
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
