@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from dino_jax import eval_knn as common
 from dino_jax import paths
+from dino_jax.evaluation import cli
 
 
 def get_args_parser():
@@ -31,7 +31,7 @@ def get_args_parser():
                    help="folder of distractor images added to the database (the paper: 10k YFCC100M images)")
     p.add_argument("--imsize", default=320, type=int, help="images are resized to imsize x imsize (bicubic)")
     p.add_argument("--batch_size_per_gpu", default=16, type=int, help="images per forward")
-    common.add_model_flags(p, 8)
+    cli.add_model_flags(p, 8)
     p.set_defaults(arch="vit_base")
     p.add_argument("--output", default=None, type=str, help="write the per-block mAP as JSON to this file")
     return p
@@ -62,7 +62,7 @@ def main(argv=None):
         sys.exit(str(e))
     distractors = _optional_images(args.distractors_path, "distractors_path")
     whitening = _optional_images(args.whitening_path, "whitening_path")
-    model, params, _ = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model, params, _ = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     t0 = time.time()
 
     def extract(files, name):

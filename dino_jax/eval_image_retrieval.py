@@ -18,9 +18,8 @@ import time
 
 import numpy as np
 
-from dino_jax import eval_knn as common
 from dino_jax import paths
-from dino_jax.eval_linear import bool_flag
+from dino_jax.evaluation import cli
 
 
 def get_args_parser():
@@ -28,12 +27,12 @@ def get_args_parser():
     p.add_argument("--data_path", default="/path/to/revisited_paris_oxford/", type=str,
                    help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
     p.add_argument("--dataset", default="roxford5k", type=str, help="roxford5k or rparis6k (or any such layout)")
-    p.add_argument("--multiscale", default=False, type=bool_flag,
+    p.add_argument("--multiscale", default=False, type=cli.bool_flag,
                    help="average the features at scales 1, 1/sqrt(2), 1/2")
     p.add_argument("--imsize", default=224, type=int, help="longer image side after the (aspect-keeping) resize")
-    p.add_argument("--crop_queries", default=False, type=bool_flag,
+    p.add_argument("--crop_queries", default=False, type=cli.bool_flag,
                    help="crop each query to its gnd bbx first (revisitop protocol; the reference does not)")
-    common.add_model_flags(p, 16)
+    cli.add_model_flags(p, 16)
     p.add_argument("--output", default=None, type=str, help="write the results as JSON to this file")
     return p
 
@@ -46,7 +45,7 @@ def main(argv=None):
         cfg = ret.load_dataset(args.data_path, args.dataset)
     except (OSError, KeyError, ValueError) as e:
         sys.exit(str(e))
-    model, params, _ = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model, params, _ = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     db_paths = [ret.image_path(cfg, n) for n in cfg["imlist"]]
     q_paths = [ret.image_path(cfg, n) for n in cfg["qimlist"]]
     missing = [p for p in db_paths + q_paths if not paths.Path(p).is_file()]

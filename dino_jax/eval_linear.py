@@ -21,38 +21,30 @@ import time
 import jax
 import numpy as np
 
-from dino_jax import eval_knn as common
 from dino_jax import paths
-
-
-def bool_flag(s):
-    if str(s).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(s).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+from dino_jax.evaluation import cli
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("Evaluation with linear classification (dino_jax)")
     p.add_argument("--n_last_blocks", default=4, type=int,
                    help="concatenate the CLS tokens of the last n blocks: n=4 for ViT-Small, n=1 for ViT-Base")
-    p.add_argument("--avgpool_patchtokens", default=False, type=bool_flag, nargs="?", const=True,
+    p.add_argument("--avgpool_patchtokens", default=False, type=cli.bool_flag, nargs="?", const=True,
                    help="also the mean patch token, interleaved with the CLS (only with n_last_blocks 1; "
                         "True for ViT-Base)")
-    common.add_model_flags(p, 16)
+    cli.add_model_flags(p, 16)
     p.add_argument("--epochs", default=100, type=int, help="number of training epochs")
     p.add_argument("--lr", default=0.001, type=float,
                    help="learning rate per 256 images (scaled by the global batch / 256), cosine to 0 per epoch")
     p.add_argument("--batch_size_per_gpu", default=128, type=int, help="images per device per batch")
-    common.add_data_flags(p)
+    cli.add_data_flags(p)
     p.add_argument("--num_labels", default=None, type=int, help="classes of the classifier (default: from the data)")
     p.add_argument("--val_freq", default=1, type=int, help="epoch frequency of validation")
     p.add_argument("--output_dir", default=".", help="where log.txt and checkpoint.pth.tar go")
     p.add_argument("--evaluate", action="store_true", help="only validate the classifier in --linear_weights")
     p.add_argument("--linear_weights", default=None,
                    help="reference-layout linear weights for --evaluate (default OUTPUT_DIR/checkpoint.pth.tar)")
-    p.add_argument("--train_augment", default=True, type=bool_flag,
+    p.add_argument("--train_augment", default=True, type=cli.bool_flag,
                    help="RandomResizedCrop+flip every epoch (the reference); false = centre-crop features once")
     p.add_argument("--seed", default=0, type=int)
     return p
@@ -66,11 +58,11 @@ def main(argv=None):
     if args.avgpool_patchtokens and args.n_last_blocks != 1:
         sys.exit("--avgpool_patchtokens needs --n_last_blocks 1 (the reference's interleaved [cls, avg] feature is "
                  "only defined for one block)")
-    model, params, info = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
+    model, params, info = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                args.patch_size)
-    train, val, resize, crop = common.open_train_val(args, common.demo_image_size(info), info)
+    train, val, resize, crop = cli.open_train_val(args, cli.demo_image_size(info), info)
     num_labels = args.num_labels or max(train.num_classes, val.num_classes)
-    gb = common.global_batch_size(args.batch_size_per_gpu)
+    gb = cli.global_batch_size(args.batch_size_per_gpu)
     mesh = sharding.make_mesh()
     params = jax.device_put(params, sharding.replicated(mesh))
     feat_dim = linear.feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
@@ -79,7 +71,7 @@ def main(argv=None):
           flush=True)
 
     def val_feature_batches():
-        return linear.image_feature_batches(model, params, common.eval_batches(val, gb, resize, crop),
+        return linear.image_feature_batches(model, params, cli.eval_batches(val, gb, resize, crop),
                                             args.n_last_blocks, args.avgpool_patchtokens)
 
     if args.evaluate:
@@ -105,7 +97,7 @@ def main(argv=None):
         print("computing centre-crop train features once (--train_augment false)...", flush=True)
         t0 = time.time()
         feats, labels = [], []
-        for b in linear.image_feature_batches(model, params, common.eval_batches(train, gb, resize, crop),
+        for b in linear.image_feature_batches(model, params, cli.eval_batches(train, gb, resize, crop),
                                               args.n_last_blocks, args.avgpool_patchtokens):
             valid = np.asarray(jax.device_get(b["valid"])).astype(bool)
             feats.append(np.asarray(jax.device_get(b["features"]))[valid])

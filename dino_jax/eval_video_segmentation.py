@@ -19,13 +19,13 @@ import os
 import sys
 import time
 
-from dino_jax import eval_knn as common
 from dino_jax import paths
+from dino_jax.evaluation import cli
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("Evaluation with video object segmentation on DAVIS 2017 (dino_jax)")
-    common.add_model_flags(p, 16)
+    cli.add_model_flags(p, 16)
     p.add_argument("--output_dir", default=".", help="where the segmentations (and scores.json) go")
     p.add_argument("--data_path", default="/path/to/davis/", type=str,
                    help="DAVIS layout: ImageSets/2017/val.txt, JPEGImages/480p/<video>/, Annotations/480p/<video>/")
@@ -61,7 +61,7 @@ def main(argv=None):
         sys.exit("--n_last_frames must be >= 0 and --topk >= 1")
     videos = read_video_list(args)
     if not args.score_only:
-        model, params, _ = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
+        model, params, _ = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                 args.patch_size)
         for i, video in enumerate(videos):
             frame_dir = os.path.join(args.data_path, "JPEGImages", "480p", video)

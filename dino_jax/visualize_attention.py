@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 
-from dino_jax import eval_knn as common
 from dino_jax import paths
+from dino_jax.evaluation import cli
 
 
 def load_image(path: str | None, image_size, grey: bool = False) -> np.ndarray:
@@ -57,7 +57,7 @@ def load_mask(path: str, image_size) -> np.ndarray:
 
 def get_args_parser():
     p = argparse.ArgumentParser("Visualize self-attention maps (dino_jax)")
-    common.add_model_flags(p, 8)
+    cli.add_model_flags(p, 8)
     p.add_argument("--image_path", default=None, type=str, help="image to visualise (default: a bundled photo)")
     p.add_argument("--image_size", default=(480, 480), type=int, nargs=2, metavar=("H", "W"),
                    help="resize the image to H W (bilinear) before the forward")
@@ -73,10 +73,10 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     from dino_jax.evaluation import attention
 
-    model, params, info = common.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
+    model, params, info = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch,
                                                args.patch_size)
     patch = model.patch_size
-    image = load_image(args.image_path, args.image_size, common.trained_on_grey(info))
+    image = load_image(args.image_path, args.image_size, cli.trained_on_grey(info))
     normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
     normed = attention.crop_to_patch_multiple(normed, patch)
     attn = attention.attention_maps(model, params, normed, patch)  # (heads, h, w)

@@ -137,8 +137,8 @@ def test_visualize_attention_cli_on_a_reference_pth_matches_torch(tmp_path):
     with torch.no_grad():
         want = net.get_last_selfattention(torch.from_numpy(normed.transpose(2, 0, 1)[None].copy()))
     want = want[0, :, 0, 1:].reshape(2, 4, 6).numpy()
-    from dino_jax import eval_knn
+    from dino_jax.evaluation import cli
 
-    model, params, info = eval_knn.load_backbone(str(tmp_path / "tiny_pretrain.pth"), "teacher", "vit_small", 8)
+    model, params, info = cli.load_backbone(str(tmp_path / "tiny_pretrain.pth"), "teacher", "vit_small", 8)
     assert (model.embed_dim, model.depth, model.num_heads) == (128, 2, 2)
     np.testing.assert_allclose(attention.attention_maps(model, params, normed), want, rtol=1e-4, atol=1e-6)

@@ -27,10 +27,10 @@ def holidays_ap(ranked, positives):
 def test_descriptors_match_the_torch_reference(tmp_path):
     from PIL import Image
 
-    from dino_jax import eval_knn
+    from dino_jax.evaluation import cli
 
     net = tiny_reference_vit(tmp_path / "vit.pth")
-    model, params, _ = eval_knn.load_backbone(str(tmp_path / "vit.pth"), "teacher", "vit_base", 8)
+    model, params, _ = cli.load_backbone(str(tmp_path / "vit.pth"), "teacher", "vit_base", 8)
     rng = np.random.default_rng(0)
     paths = []
     for i, shape in enumerate([(50, 70, 3), (40, 40, 3), (81, 33, 3)]):

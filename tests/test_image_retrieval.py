@@ -108,10 +108,10 @@ def test_bilinear_resize_matches_torch_interpolate():
 def test_thumbnail_and_multiscale_features_match_the_torch_reference(tmp_path):
     from PIL import Image
 
-    from dino_jax import eval_knn
+    from dino_jax.evaluation import cli
 
     net = tiny_reference_vit(tmp_path / "vit.pth")
-    model, params, _ = eval_knn.load_backbone(str(tmp_path / "vit.pth"), "teacher", "vit_small", 8)
+    model, params, _ = cli.load_backbone(str(tmp_path / "vit.pth"), "teacher", "vit_small", 8)
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 130, 3), np.uint8)).save(tmp_path / "a.jpg")
     image = ret.load_image(str(tmp_path / "a.jpg"), 64)
     assert image.shape == (44, 64, 3)  # thumbnail keeps the aspect ratio: 130x90 -> 64x44
