@@ -16,6 +16,7 @@ Only where the step runs on XLA:CPU: on a TPU or GPU host there is no such block
 the settings off. A notebook kernel is already running when it imports dino_jax, so it trains with glibc's
 defaults, which cost the demo about a fifth of its speed (benchmarks/README.md).
 """
+import glob
 import importlib.util
 import os
 import platform
@@ -45,14 +46,33 @@ def _supported() -> bool:
 
 
 # PJRT plugins whose presence makes JAX pick an accelerator when JAX_PLATFORMS is unset.
-ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips appear on the PCI bus under Google's vendor id
+
+
+def _tpu_chips_attached() -> bool:
+    """libtpu alone does not make a TPU host: CPU hosts install it to compile for TPU slices ahead of time, and JAX
+    then runs on the CPU. A TPU host has /dev/accel* devices (v2-v4) or Google PCI devices (v5 and later)."""
+    if glob.glob("/dev/accel*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _step_runs_on_cpu() -> bool:
-    """Whether JAX will run the step on XLA:CPU, decided before JAX starts: JAX_PLATFORMS, else installed plugins."""
+    """Whether JAX will run the step on XLA:CPU, decided before JAX starts: JAX_PLATFORMS, else installed plugins
+    (libtpu only where TPU chips are attached)."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return platforms.split(",")[0].strip().lower() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None and _tpu_chips_attached():
+        return False
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 

@@ -61,6 +61,18 @@ def test_no_reexec_when_the_step_runs_on_an_accelerator(tmp_path):
 
 
 @needs_glibc
+def test_libtpu_without_tpu_chips_still_runs_on_the_cpu(tmp_path):
+    # CPU hosts install libtpu to compile for TPU slices (benchmarks/tpu_aot.py); JAX then runs the step on the CPU.
+    assert not malloc_tuning._tpu_chips_attached()  # this test machine has no TPU
+    plugin = tmp_path / "libtpu"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text("")
+    env = dict(GLIBC_TUNABLES=None, DINO_JAX_MALLOC_TUNING=None, JAX_PLATFORMS=None,
+               PYTHONPATH=REPO + os.pathsep + str(tmp_path))
+    assert run(REEXEC, **env) == f"{ALL} []"
+
+
+@needs_glibc
 def test_one_arena_keeps_a_large_block_of_a_worker_thread_mapped():
     plain = int(run(FAULTS, GLIBC_TUNABLES=None))
     one_arena = int(run(FAULTS, GLIBC_TUNABLES=ONE))
