@@ -67,12 +67,18 @@ def gcs(tmp_path_factory):
     cwd, tmp = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("tmp")
     env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),  # later runs skip compiling
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    from etils.epath import gpath
+
     try:
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
                 mp.setenv(k, v)
+            # epath caches its TF-or-gcsfs choice at the first gs:// path of the process; an earlier test may have
+            # made it with EPATH_USE_TF unset.
+            gpath._is_tf_installed.cache_clear()
             yield {"env": dict(os.environ, **env, TMPDIR=str(tmp)), "cwd": cwd, "tmp": tmp}
     finally:
+        gpath._is_tf_installed.cache_clear()
         server.terminate()
         server.wait()
 
