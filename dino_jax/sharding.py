@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -31,6 +33,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_state(state, mesh: Mesh):
     """Place every array of the state replicated on the mesh."""
     return jax.device_put(state, replicated(mesh))
+
+
+def wait_for_every_process(what: str, timeout_s: int = 3600) -> float:
+    """Block until every process of a multi-process run gets here; returns the seconds waited.
+
+    Hosts of a slice build their data sources and state at different speeds. JAX's CPU collectives set up their
+    communicator at the first collective with a fixed 30 s deadline, so a host that arrives later than that fails
+    the run; this barrier (the coordination service's, no device collective) lines them up first.
+    """
+    if jax.process_count() == 1:
+        return 0.0
+    t0 = time.time()
+    multihost.get_barrier_sync_fn()(key=f"dino_jax:{what}", timeout_ms=timeout_s * 1000)
+    return time.time() - t0
 
 
 def jit_train_step(train_step, mesh: Mesh):

@@ -235,6 +235,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     model = dino.build_model(config)
     state = dino.create_train_state(config, model, spe, jax.random.PRNGKey(config.seed))
+    waited = sharding.wait_for_every_process("state built")
+    if waited > 5:
+        logging.info("waited %.0f s for every process to build its state", waited)
     state = sharding.shard_state(state, mesh)
     ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                                    max_to_keep=config.max_checkpoints, keep_period=config.keep_every_epochs * spe)

@@ -11,6 +11,8 @@ Instrumentation (environment variables; nothing is patched when they are unset):
   RELIABILITY_NAN_STEPS=3,11  the batches of these steps (1-based, as in the logs, metrics.jsonl and checkpoint
                               numbers) get NaN global crops: a genuinely non-finite loss and gradient through the
                               real train step.
+  RELIABILITY_SLOW_PROCESS=1:60  process 1 opens its first data source 60 s late: a host that reaches the first
+                              collective long after the others (JAX's CPU collectives give their setup 30 s).
 """
 import atexit
 import dataclasses
@@ -23,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def _instrument():
     record, nan_steps = os.environ.get("RELIABILITY_RECORD"), os.environ.get("RELIABILITY_NAN_STEPS")
-    if not (record or nan_steps):
+    slow = os.environ.get("RELIABILITY_SLOW_PROCESS")
+    if not (record or nan_steps or slow):
         return
     import numpy as np
     import tensorflow as tf
@@ -87,6 +90,23 @@ def _instrument():
                 self.it.close()
 
         pipeline.train_iterator = lambda *a, **k: NaNBatches(train_iterator(*a, **k))
+
+
+    if slow:
+        import time
+
+        import jax
+
+        process, seconds = (int(x) for x in slow.split(":"))
+        open_source, delayed = sources.load_source, []
+
+        def late_source(*args, **kwargs):
+            if jax.process_index() == process and not delayed:
+                delayed.append(seconds)
+                time.sleep(seconds)
+            return open_source(*args, **kwargs)
+
+        sources.load_source = late_source
 
 
 def _restore(workdir, out):

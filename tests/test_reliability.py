@@ -163,15 +163,19 @@ def test_same_seed_and_config_give_bit_identical_runs(reference):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_read_disjoint_shares(reference, tmp_path, jax_cache):
-    """2 processes x 4 devices (jax.distributed on localhost, CPU collectives) == 1 process x 8 devices."""
+    """2 processes x 4 devices (jax.distributed on localhost, CPU collectives) == 1 process x 8 devices.
+
+    Process 1 opens its data 60 s late: hosts of a pod reach the first collective far apart.
+    """
     workdir, record = str(tmp_path / "run"), str(tmp_path / "record")
     port = _free_port()
     procs = [_start(workdir, jax_cache, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                     f"--process_id={i}", devices=4, log=str(tmp_path / f"p{i}.log"),
-                    env={"RELIABILITY_RECORD": record}) for i in range(2)]
+                    env={"RELIABILITY_RECORD": record, "RELIABILITY_SLOW_PROCESS": "1:60"}) for i in range(2)]
     for p in procs:
         _ok(p)
     assert "process 1 of 2" in _text(procs[1]) and "mesh {'data': 8}" in _text(procs[0])
+    assert "waited" in _text(procs[0]) and "for every process to build its state" in _text(procs[0])
 
     # Same loss curve and the same parameters as one process on the same data.
     one, two = _steps(reference[0]), _steps(workdir)
