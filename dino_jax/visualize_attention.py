@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from dino_jax import paths
+from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_jax.evaluation import cli
 
 
@@ -77,7 +78,7 @@ def main(argv=None):
                                                args.patch_size)
     patch = model.patch_size
     image = load_image(args.image_path, args.image_size, cli.trained_on_grey(info))
-    normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
+    normed = (image - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     normed = attention.crop_to_patch_multiple(normed, patch)
     attn = attention.attention_maps(model, params, normed, patch)  # (heads, h, w)
     masks = attention.threshold_masks(attn, args.threshold) if args.threshold is not None else None

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from dino_jax.evaluation import attention
 from dino_jax.models.vit import build_vit
 from test_knn import random_params
@@ -133,7 +134,7 @@ def test_visualize_attention_cli_on_a_reference_pth_matches_torch(tmp_path):
                               "48", "--threshold", "0.5", "--output_dir", str(out)])
     assert {f"attn-head{j}.png" for j in range(2)} | {"mask_th0.5_head1.png"} <= set(os.listdir(out))
     image = visualize_attention.load_image(str(tmp_path / "in.png"), (32, 48))
-    normed = (image - attention.IMAGENET_MEAN) / attention.IMAGENET_STD
+    normed = (image - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     with torch.no_grad():
         want = net.get_last_selfattention(torch.from_numpy(normed.transpose(2, 0, 1)[None].copy()))
     want = want[0, :, 0, 1:].reshape(2, 4, 6).numpy()

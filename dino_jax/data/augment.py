@@ -27,8 +27,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 BLUR_SIGMA = (0.1, 2.0)

@@ -25,9 +25,6 @@ import numpy as np
 
 from dino_jax import paths
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Maps.

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from dino_jax import paths
-from dino_jax.evaluation.attention import IMAGENET_MEAN, IMAGENET_STD
+from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp")  # the reference's list
 

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dino_jax import paths
+from dino_jax.data.normalization import IMAGENET_MEAN
 from dino_jax.evaluation import images as imgs
 
-FRAME_MEAN = (0.485, 0.456, 0.406)
-FRAME_STD = (0.228, 0.224, 0.225)
+FRAME_STD = (0.228, 0.224, 0.225)  # the reference's, not ImageNet's 0.229 (see the module docstring)
 
 
 def davis_palette() -> np.ndarray:
@@ -62,7 +62,7 @@ def read_frame(path: str, short_side: int = 480) -> tuple[np.ndarray, tuple[int,
     if min(size) < 1:
         raise ValueError(f"{path}: a {h}x{w} frame cannot be resized to short side {short_side}")
     resized = np.clip(np.round(imgs.resize_bilinear(rgb, size)), 0, 255)
-    return imgs.normalize(resized, FRAME_MEAN, FRAME_STD), (h, w)
+    return imgs.normalize(resized, IMAGENET_MEAN, FRAME_STD), (h, w)
 
 
 def read_indexed(path: str) -> np.ndarray:
