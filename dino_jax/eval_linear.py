@@ -53,6 +53,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     from dino_jax import sharding
+    from dino_jax.data import pipeline
     from dino_jax.evaluation import linear
 
     if args.avgpool_patchtokens and args.n_last_blocks != 1:
@@ -89,8 +90,8 @@ def main(argv=None):
     lr = args.lr * gb / 256.0
     if args.train_augment:
         def train_epoch(epoch):
-            batches = linear.linear_train_iterator(train, global_batch=gb, sharding=sharding.batch_sharding(mesh),
-                                                   seed=args.seed, epoch=epoch, crop_size=crop)
+            batches = pipeline.linear_train_iterator(train, global_batch=gb, sharding=sharding.batch_sharding(mesh),
+                                                     seed=args.seed, epoch=epoch, crop_size=crop)
             return linear.image_feature_batches(model, params, batches, args.n_last_blocks,
                                                 args.avgpool_patchtokens)
     else:
@@ -99,9 +100,9 @@ def main(argv=None):
         feats, labels = [], []
         for b in linear.image_feature_batches(model, params, cli.eval_batches(train, gb, resize, crop),
                                               args.n_last_blocks, args.avgpool_patchtokens):
-            valid = np.asarray(jax.device_get(b["valid"])).astype(bool)
-            feats.append(np.asarray(jax.device_get(b["features"]))[valid])
-            labels.append(np.asarray(jax.device_get(b["label"]))[valid])
+            valid = sharding.to_host(b["valid"]).astype(bool)
+            feats.append(sharding.to_host(b["features"])[valid])
+            labels.append(sharding.to_host(b["label"])[valid])
         feats, labels = np.concatenate(feats), np.concatenate(labels)
         print(f"  {len(labels)} train features in {time.time() - t0:.1f}s", flush=True)
 

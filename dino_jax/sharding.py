@@ -2,7 +2,8 @@
 
 The batch is split along its first axis; the state (student, teacher, optimiser, center) is replicated.
 Means over the batch inside `jit` are global means, so the center update and the loss need no explicit psum.
-Host-local batches become global arrays in `GlobalBatches`, a few batches ahead of the step.
+Host-local batches become global arrays in `GlobalBatches`, a few batches ahead of the step; `to_host` brings a
+global array back to every host (evaluation features, images to draw).
 """
 from __future__ import annotations
 
@@ -64,6 +65,34 @@ def check_batch_divisible(global_batch: int, mesh: Mesh):
 def global_batch(sharding: NamedSharding, local: dict) -> dict:
     """A dict of this process's rows (numpy) as global `jax.Array`s sharded by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def mesh_of(array) -> Mesh:
+    """The mesh an array lives on when it is sharded by name, else a new mesh over every device."""
+    s = getattr(array, "sharding", None)
+    return s.mesh if isinstance(s, NamedSharding) else make_mesh()
+
+
+def place_batch(x, mesh: Mesh):
+    """A batch (numpy, or a jax.Array from elsewhere) on `mesh`: split on its first axis where that divides over the
+    devices, else replicated; an array already on `mesh` stays where it is."""
+    if isinstance(x, jax.Array):
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        x = to_host(x)
+    return jax.device_put(x, batch_sharding(mesh) if len(x) % mesh.size == 0 else replicated(mesh))
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-process) global array as one numpy array on this host: every process gets
+    all of it (an all-gather across processes where this one does not hold every row)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def _fill(host_batches, sharding, out: queue.Queue, stop: threading.Event):

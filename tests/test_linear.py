@@ -1,8 +1,6 @@
-"""Linear probe: the reference's feature layout, torch-equivalent SGD + cosine lr, learning, weight round trips."""
+"""Linear probe: the reference's feature layout, torch-equivalent SGD + cosine lr, learning, weight round trips, and
+the augmented training pipeline."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +118,36 @@ def test_evaluate_loads_a_reference_linearweights_file(tmp_path):
     assert stats["acc5"] == pytest.approx(100 * np.mean((top5 == y[:, None]).any(1)))
     with pytest.raises(FileNotFoundError, match="--linear_weights"):
         linear.load_linear_weights(str(tmp_path / "missing.pth"))
+
+
+def test_train_iterator_gives_every_example_once_as_torchvision_random_resized_crops():
+    """One epoch of the probe's training pipeline: each example once (the tail padded with valid=False), each image
+    the crop window torchvision's RandomResizedCrop(scale 0.08-1) would draw (augment.sample_crop_windows, whose
+    distribution tests/test_augment.py checks), resized bilinearly, maybe mirrored, normalised."""
+    import tensorflow as tf
+
+    from dino_jax import sharding
+    from dino_jax.data import augment, pipeline
+    from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+    from dino_jax.data.sources import Source
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 40, 50, 3), np.uint8), np.arange(5) * 10
+    source = Source("five", 5, 50, load=lambda i: {"image": tf.gather(images, i), "label": tf.gather(labels, i)})
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    batches = list(pipeline.linear_train_iterator(source, global_batch=4, sharding=sharding.batch_sharding(mesh),
+                                                  seed=3, epoch=1, crop_size=16))
+    got = {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in ("image", "label", "valid")}
+    assert got["valid"].tolist() == [True] * 5 + [False] * 3
+    order = np.random.default_rng([3, 1]).permutation(5)
+    np.testing.assert_array_equal(got["label"][:5], labels[order])
+    flips = []
+    for row, index in enumerate(order):
+        crop_seed = augment.split(tf.constant([3 * 1000003 + 1, index], tf.int64), 2)[0]
+        top, left, h, w = (int(t[0]) for t in augment.sample_crop_windows(crop_seed, 40, 50, 1, (0.08, 1.0)))
+        want = np.clip(tf.image.resize(images[index, top:top + h, left:left + w] / 255.0, (16, 16), "bilinear",
+                                       antialias=True).numpy(), 0, 1)
+        image = got["image"][row] * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)
+        flips.append(np.abs(image - want[:, ::-1]).max() < 1e-5)
+        np.testing.assert_allclose(image, want[:, ::-1] if flips[-1] else want, atol=1e-5)
+    assert 0 < sum(flips) < 5  # p = 0.5 per image

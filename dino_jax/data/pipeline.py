@@ -192,3 +192,44 @@ def eval_iterator(source: Source, *, global_batch: int, sharding, resize_size: i
     ds = ds.batch(local_batch).prefetch(2).with_options(_options(num_parallel_calls))
     for local in ds.as_numpy_iterator():
         yield sharding_lib.global_batch(sharding, local)
+
+
+def linear_train_iterator(source: Source, *, global_batch: int, sharding, seed: int, epoch: int,
+                          crop_size: int = 224, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None,
+                          num_parallel_calls=tf.data.AUTOTUNE) -> Iterator[dict]:
+    """One epoch of the linear probe's augmented training images as global batches {"image", "label", "valid"}.
+
+    The reference's probe transform: RandomResizedCrop(crop_size) (scale 0.08-1, torchvision's sampling, the same
+    `augment.sample_crop_windows` as DINO's crops) with antialiased bilinear resizing (PIL's default there), a
+    horizontal flip with p 0.5, then ImageNet normalisation. The epoch order is a permutation drawn from
+    (seed, epoch); every example is seen once (the reference's loader keeps the last partial batch, so the tail is
+    padded with valid=False rows instead of dropped). Randomness depends on (seed, epoch, example index) only.
+    """
+    process_index, process_count, local_batch = _process(process_index, process_count, global_batch)
+    n = source.num_examples
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    steps = -(-n // global_batch)
+    padded = np.full(steps * global_batch, -1, np.int64)
+    padded[:n] = perm
+    mine = padded.reshape(steps, process_count, local_batch)[:, process_index].reshape(-1)
+    fill = int(perm[0])
+
+    def load(position):
+        valid = position >= 0
+        index = tf.where(valid, position, fill)
+        ex = source.load(index)
+        seeds = augment.split(tf.stack([tf.constant(seed * 1000003 + epoch, tf.int64), tf.cast(index, tf.int64)]), 2)
+        image = augment.to_float(ex["image"])
+        shape = tf.shape(image)
+        top, left, h, w = (t[0] for t in augment.sample_crop_windows(seeds[0], shape[0], shape[1], 1, (0.08, 1.0)))
+        image = tf.image.resize(image[top:top + h, left:left + w], (crop_size, crop_size), method="bilinear",
+                                antialias=True)
+        image = augment.flip(image, augment.uniform(seeds[1]) < 0.5)
+        image = tf.ensure_shape(augment.normalize(tf.clip_by_value(image, 0.0, 1.0)), [crop_size, crop_size, 3])
+        return {"image": image, "label": ex["label"], "valid": valid}
+
+    ds = tf.data.Dataset.from_tensor_slices(mine).map(load, num_parallel_calls=num_parallel_calls,
+                                                       deterministic=True)
+    for local in ds.batch(local_batch).prefetch(2).with_options(_options(num_parallel_calls)).as_numpy_iterator():
+        yield sharding_lib.global_batch(sharding, local)

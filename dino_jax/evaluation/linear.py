@@ -9,7 +9,8 @@ Weights load from and save to the reference layout {'state_dict': {'module.linea
 'module.linear.bias' (C,)}}.
 
 Training batches are pipeline-style dicts {"features" (B, F), "label", "valid"}; `image_feature_batches` turns
-image batches into them, `array_batches` serves precomputed features, so the same loop runs either way.
+image batches into them (the augmented ones come from `data.pipeline.linear_train_iterator`), `array_batches` serves
+precomputed features, so the same loop runs either way.
 """
 from __future__ import annotations
 
@@ -67,15 +68,14 @@ def image_feature_batches(model, params, batches: Iterable[Mapping], n_last_bloc
                           avgpool: bool) -> Iterator[dict]:
     """Image batches {"image", "label", ("valid")} -> feature batches {"features", "label", "valid"}."""
     from dino_jax import sharding as shd
-    from dino_jax.evaluation.knn import mesh_of, place_batch
 
     fn, mesh = feature_fn(model, n_last_blocks, avgpool), None
     for b in batches:
         if mesh is None:  # the frozen params go (once) where the batches live: replicated on their mesh
-            mesh = mesh_of(b["image"])
+            mesh = shd.mesh_of(b["image"])
             params = jax.device_put(params, shd.replicated(mesh))
         valid = b["valid"] if "valid" in b else np.ones(len(b["label"]), bool)
-        yield {"features": fn(params, place_batch(b["image"], mesh)), "label": b["label"], "valid": valid}
+        yield {"features": fn(params, shd.place_batch(b["image"], mesh)), "label": b["label"], "valid": valid}
 
 
 def array_batches(features, labels, batch_size: int, seed: int | None = None) -> Iterator[dict]:
@@ -232,88 +232,3 @@ def train_linear(train_epoch: Callable[[int], Iterable[Mapping]], val_batches: C
     log(f"Training of the supervised linear classifier on frozen features completed.\n"
         f"Top-1 test accuracy: {best:.1f}")
     return {"best_acc": best, "last": last, "history": history, "params": lin}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training-time augmentation: RandomResizedCrop(scale 0.08-1, bilinear) + flip, as tf.data on a Source.
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _crop_window(tf, seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
-    """torchvision RandomResizedCrop.get_params with stateless TF RNG: (top, left, h, w).
-
-    Area ~ U(scale) of the image, aspect log-uniform in `ratio`; the first of 10 draws that fits wins, otherwise a
-    centred crop with the aspect clamped into `ratio`.
-    """
-    s = tf.random.experimental.stateless_split(seed, 4)
-    hf, wf = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    area = hf * wf * tf.random.stateless_uniform([attempts], s[0], scale[0], scale[1])
-    aspect = tf.exp(tf.random.stateless_uniform([attempts], s[1], math.log(ratio[0]), math.log(ratio[1])))
-    w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
-    h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    in_ratio = wf / hf
-    fb_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(hf * ratio[1]), tf.int32), width)
-    fb_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(wf / ratio[0]), tf.int32), height)
-    ok = tf.reduce_any(fits)
-    h = tf.where(ok, h[first], fb_h)
-    w = tf.where(ok, w[first], fb_w)
-    u = tf.random.stateless_uniform([2], s[2])
-    top = tf.where(ok, tf.cast(tf.floor(u[0] * tf.cast(height - h + 1, tf.float32)), tf.int32), (height - h) // 2)
-    left = tf.where(ok, tf.cast(tf.floor(u[1] * tf.cast(width - w + 1, tf.float32)), tf.int32), (width - w) // 2)
-    return tf.minimum(top, height - h), tf.minimum(left, width - w), h, w
-
-
-def linear_train_iterator(source, *, global_batch: int, sharding, seed: int, epoch: int, crop_size: int = 224,
-                          process_index: int | None = None, process_count: int | None = None,
-                          num_parallel_calls=None) -> Iterator[dict]:
-    """One epoch of augmented training images as global batches {"image", "label", "valid"}.
-
-    The epoch order is a permutation drawn from (seed, epoch); every example is seen once (the reference's loader
-    keeps the last partial batch, so the tail is padded with valid=False rows instead of dropped). Crops follow
-    torchvision's RandomResizedCrop (scale 0.08-1) with PIL-like antialiased bilinear resizing, then a horizontal
-    flip with p 0.5, then ImageNet normalisation. Randomness depends on (seed, epoch, example index) only.
-    """
-    import tensorflow as tf
-
-    from dino_jax import sharding as sharding_lib
-
-    num_parallel_calls = num_parallel_calls or tf.data.AUTOTUNE
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    if global_batch % pc:
-        raise ValueError(f"global batch {global_batch} must be divisible by the process count {pc}")
-    local = global_batch // pc
-    n = source.num_examples
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    steps = -(-n // global_batch)
-    padded = np.full(steps * global_batch, -1, np.int64)
-    padded[:n] = perm
-    mine = padded.reshape(steps, pc, local)[:, pi].reshape(-1)
-    fill = int(perm[0])
-    mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
-
-    def load(position):
-        valid = position >= 0
-        index = tf.where(valid, position, fill)
-        ex = source.load(index)
-        seeds = tf.random.experimental.stateless_split(tf.stack([tf.constant(seed * 1000003 + epoch, tf.int64),
-                                                                 tf.cast(index, tf.int64)]), 2)
-        image = tf.cast(ex["image"], tf.float32) / 255.0
-        shape = tf.shape(image)
-        top, left, h, w = _crop_window(tf, seeds[0], shape[0], shape[1])
-        image = tf.image.resize(image[top:top + h, left:left + w], (crop_size, crop_size), method="bilinear",
-                                antialias=True)
-        flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
-        image = tf.where(flip, tf.reverse(image, axis=[1]), image)
-        image = tf.ensure_shape((tf.clip_by_value(image, 0.0, 1.0) - mean) / std, [crop_size, crop_size, 3])
-        return {"image": image, "label": ex["label"], "valid": valid}
-
-    ds = tf.data.Dataset.from_tensor_slices(mine).map(load, num_parallel_calls=num_parallel_calls,
-                                                       deterministic=True)
-    for b in ds.batch(local).prefetch(2).as_numpy_iterator():
-        yield sharding_lib.global_batch(sharding, b)
