@@ -5,14 +5,14 @@
 Exact GELU forward on the MLP activations (5520 tokens x 768: 16 global + 64 local crops of a batch of 8), LayerNorm
 forward + backward on (5520, 192), softmax forward + backward on the global crops' attention (48, 197, 197). Median
 wall time of --calls calls after one warm-up; torch uses its default threads and autograd for the backward. Used to
-tell a slow kernel from a slow arrangement inside the whole step (benchmarks/README.md, train_step.py results).
+tell a slow kernel from a slow arrangement inside the whole step (docs/benchmarks_history.md).
 """
 import argparse
 import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train_step.py --compare_torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks.train_step --compare_torch
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,6 +1,6 @@
 """How fast can the demo's ViT learn the demo classes WITH labels? An upper bound for what DINO can show on a CPU.
 
-    python benchmarks/demo_supervised_probe.py [--config=configs/demo.py] [--epochs 5] [--lr 5e-4]
+    python benchmarks/demo_supervised_probe.py [--config=configs/demo.py] [--epochs 5] [--lr 5e-4] [--batch_size 64]
 
 Trains the config's backbone (same architecture, grey 32-px demo images, ImageNet normalisation) plus a linear
 classifier on its CLS feature with cross-entropy, AdamW and random flips, and prints a table of validation top-1
@@ -8,7 +8,6 @@ by epoch. If a ViT cannot learn the classes with labels in N epochs, DINO cannot
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_step import load_config  # noqa: E402  (benchmarks/: the same PATH[:variant] config loading)
-
 from dino_jax import dino  # noqa: E402
 from dino_jax.data import demo  # noqa: E402
-from dino_jax.evaluation.attention import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dino_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -37,14 +36,16 @@ class Classifier(nn.Module):
         return nn.Dense(self.num_classes)(self.backbone(x))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/demo.py")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch_size", type=int, default=64)
-    args = p.parse_args()
-    config = load_config(args.config)
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Recipe whose backbone and demo images are used.")
+flags.DEFINE_integer("epochs", 5, "Training epochs.")
+flags.DEFINE_float("lr", 5e-4, "AdamW learning rate.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
     size = config.global_crop_size
     train_x, train_y, _ = demo.generate(demo.SIZES["train"], size, seed=demo.SEEDS["train"],
                                         grayscale=config.grayscale_input)
@@ -53,7 +54,7 @@ def main():
 
     model = Classifier(dino.build_model(config).backbone, len(demo.CLASSES))
     params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), train_x[:2])
-    tx = optax.adamw(args.lr, weight_decay=config.weight_decay)
+    tx = optax.adamw(FLAGS.lr, weight_decay=config.weight_decay)
     opt_state = tx.init(params)
 
     @jax.jit
@@ -65,11 +66,11 @@ def main():
 
     predict = jax.jit(lambda p, x: jnp.argmax(model.apply(p, x), -1))
     rng = np.random.default_rng(config.seed)
-    n, b = len(train_x), args.batch_size
+    n, b = len(train_x), FLAGS.batch_size
     print(f"| epoch | steps | train loss (last 50) | val top-1 (%) | seconds |\n|---|---|---|---|---|", flush=True)
     print(f"| 0 | 0 | | {100 * float((predict(params, val_x) == val_y).mean()):.1f} | 0 |", flush=True)
     t0, losses = time.time(), []
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, FLAGS.epochs + 1):
         order = rng.permutation(n)
         for i in range(0, n - b + 1, b):
             idx = order[i:i + b]
@@ -83,4 +84,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

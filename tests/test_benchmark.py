@@ -1,8 +1,10 @@
-"""benchmarks/train_step.py runs the real step on a tiny config, prints its table and a sane FLOP count."""
+"""`python -m benchmarks.train_step` runs the real step on a tiny config, prints its table and a sane FLOP count."""
 import os
 import re
 import subprocess
 import sys
+
+from benchmarks.step_timing import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,21 +22,24 @@ def get_config():
 '''
 
 
+def harness(*args, timeout=120):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_harness_prints_table_and_flops(tmp_path):
     cfg = tmp_path / "tiny.py"
     cfg.write_text(TINY)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"), f"--config={cfg}", "--steps", "2",
-           "--repeats", "1", "--warmup", "1", "--peak_tflops", "0.1", "--set", "head_nlayers=2",
-           "--profile_steps", "1", "--profile_dir", str(tmp_path / "trace"), "--compare_torch"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = harness(f"--config={cfg}", "--config.head_nlayers=2", "--steps=2", "--repeats=1", "--warmup=1",
+                  "--peak_tflops=0.1", "--profile_steps=1", f"--profile_dir={tmp_path / 'trace'}", "--compare_torch")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     print(text)
     for row in ("compile", "step (median)", "images/s", "page faults per step", "peak memory", "FLOPs/step analytic",
                 "FLOPs/step XLA", "MFU", "host callbacks in step"):
         assert f"| {row}" in text, row
+    assert re.search(r"\| crops .*global batch 4, .*freeze_last_layer 0 \|", text), text  # the harness's default
     ratio = float(re.search(r"flops_ratio_analytic_over_xla=([\d.]+)", text).group(1))
     assert 0.7 <= ratio <= 1.3, ratio
     assert re.search(r"\| host callbacks in step\s*\| 0 \|", text)
@@ -51,14 +56,12 @@ def test_harness_prints_table_and_flops(tmp_path):
 
 
 def test_harness_does_not_import_tensorflow():
-    script = os.path.join(REPO, "benchmarks", "train_step.py")
-    code = ("import sys, importlib.util\n"
-            f"spec = importlib.util.spec_from_file_location('ts', {script!r})\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+    code = ("import sys\n"
+            "import benchmarks.train_step, benchmarks.step_timing.jax_step, benchmarks.step_timing.report\n"
             "import jax, dino_jax.dino, dino_jax.sharding\n"
             "assert 'tensorflow' not in sys.modules and 'dino_jax.data' not in sys.modules, 'imports tensorflow'\n")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
+                   timeout=60)
 
 
 def test_device_prefetch_benchmark_runs_without_tensorflow():
@@ -75,33 +78,22 @@ def test_device_prefetch_benchmark_runs_without_tensorflow():
 
 
 def test_analytic_flops_match_hand_count():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import train_step
-
     # ViT-S/16 at 224: 197 tokens; per block 24*N*D^2 + 4*N^2*D; patch embed 2*196*768*384.
     n, d = 197, 384
     want = 2 * 196 * 768 * d + 12 * (24 * n * d * d + 4 * n * n * d)
-    assert train_step.vit_forward_flops(224, 16, d, 12, 4 * d) == want
+    assert flops.vit_forward_flops(224, 16, d, 12, 4 * d) == want
     assert abs(want / 1e9 - 9.2) < 0.1  # the usual "4.6 GMACs" of ViT-S/16
-    assert train_step.head_forward_flops(384, 65536, 3, 2048, 256) == 2 * (
+    assert flops.head_forward_flops(384, 65536, 3, 2048, 256) == 2 * (
         384 * 2048 + 2048 * 2048 + 2048 * 256 + 256 * 65536)
 
 
-def test_negative_profile_steps_is_refused(capsys):
-    import pytest
-
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import train_step
-
-    with pytest.raises(SystemExit):
-        train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "-1"])
-    assert "--profile_steps=-1" in capsys.readouterr().err
-    assert train_step.parse_args(["--config=configs/vitt16.py", "--profile_steps", "2"]).profile_steps == 2
+def test_negative_profile_steps_is_refused():
+    out = harness("--config=configs/vitt16.py", "--profile_steps=-1", timeout=60)
+    assert out.returncode != 0 and "--profile_steps=-1" in out.stderr, out.stderr[-2000:]
 
 
-def test_stolen_time_is_read_from_proc_stat(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import steal
+def test_stolen_time_is_read_from_proc_stat():
+    from benchmarks import steal
 
     with open("/proc/stat") as f:
         want = int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
