@@ -3,14 +3,15 @@
 Measured (2026-12-02, 2-core AMD EPYC VM, `python -m dino_jax.main --config=configs/demo.py --workdir=/tmp/dino_demo`):
 the teacher's 20-NN goes from 17.6% at random init to 38.6% (+21.0 points; 24.1 / 35.8 / 37.2 / 38.9 / 38.6
 at epochs 2-10) and the attention Jaccard against the object masks from 0.206 to 0.339, in
-12 min 45 s for the whole command (153 img/s in training; 8 min 27 s and 233 img/s with
-GLIBC_TUNABLES=glibc.malloc.arena_max=16). README "CPU demo" has the curve and the runs that led here.
+8 min 27 s for the whole command with its own malloc settings (233 img/s in training; one malloc arena,
+GLIBC_TUNABLES=glibc.malloc.arena_max=1, takes 12 min 45 s). README "What the demo shows" has the curve;
+docs/demo_recipe_history.md has the runs behind each choice below.
 
 Values that differ from the reference recipe (configs/vits16.py), and why:
 - data: `demo` (10 classes, each one (shape, texture) pair in two tones on either side of the background; 32 px;
   10k train / 1k val; a fine-grained clutter background with no large-scale structure, see `make_demo`),
   grayscale_input=True: the demo's random colours are otherwise what DINO learns first
-  (shared/research/demo_feasibility.md).
+  (docs/demo_recipe_history.md).
 - model: vit_custom 192 wide, depth 4, 3 heads, patch 8 (16 tokens per 32-px global crop): ~100 img/s in training
   on 2 cores. Patch 4 (with width 96, the same FLOPs) learned no faster.
 - crops: 2 x 32 px global + 4 x 16 px local; local scale (0.1, 0.4) instead of (0.05, 0.4): a 5% crop of a 32-px
@@ -21,8 +22,8 @@ Values that differ from the reference recipe (configs/vits16.py), and why:
   steps of the unfreeze; training the prototypes from the start does not.
 - teacher_temp 0.02 (constant): at 0.04 the teacher stayed nearly uniform and nearly the same for every image; at
   0.01 it learned less (22.8 vs 24.2 after 2 epochs).
-- momentum_teacher 0.996 is the reference's. With 0.98 (this config until 2026-12-01) every image got the same
-  teacher output within ~250 steps (batch-mean entropy = per-image entropy) and the k-NN stalled after 2 epochs;
+- momentum_teacher 0.996 is the reference's. With 0.98 every image got the same teacher output within ~250 steps
+  (batch-mean entropy = per-image entropy) and the k-NN stalled after 2 epochs;
   0.996 keeps them apart (batch-mean entropy 0.25-0.3 nats above the per-image one) all run.
 - lr 2e-3 per 256 (5e-4 at batch 64), drop_path 0, 11 epochs (1,716 steps: what fits in 20 minutes at ~100 img/s;
   10 epochs reach 37.7).

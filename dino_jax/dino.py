@@ -83,9 +83,9 @@ class MultiCropModel:
 
     `chunks` > 1 splits each resolution's batch into that many independent backbone calls. The maths is the same
     (a ViT without batch norm treats images independently); the separate chains let XLA:CPU's executor keep
-    several cores busy with single-core kernels (benchmarks/README.md). Chunk j holds the images b with
-    b % chunks == j, a strided split that keeps every chunk sharded like the batch. Drop-path draws its masks
-    per chunk, so they differ from `chunks=1`.
+    several cores busy with single-core kernels (docs/benchmarks_history.md, `backbone_chunks`). Chunk j holds
+    the images b with b % chunks == j, a strided split that keeps every chunk sharded like the batch. Drop-path
+    draws its masks per chunk, so they differ from `chunks=1`.
     """
     backbone: Any
     head: Any
@@ -231,7 +231,7 @@ def collapse_warning(metrics, out_dim: int) -> str | None:
     Uniform collapse: every teacher output is nearly uniform (entropy near ln K). One-dimension collapse: all
     images pick the same prototypes (the batch-mean teacher distribution has entropy near 0). Same-output collapse:
     the teacher is not uniform but gives every image the same distribution (the batch mean's entropy equals the
-    per-image entropy); the demo with momentum 0.98 sat there for most of its run (README, "CPU demo").
+    per-image entropy); the demo with momentum 0.98 sat there for most of its run (docs/demo_recipe_history.md).
     """
     ln_k = float(np.log(out_dim))
     entropy, batch_entropy = float(metrics["teacher_entropy"]), float(metrics["teacher_batch_entropy"])

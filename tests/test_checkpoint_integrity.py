@@ -1,4 +1,4 @@
-"""A damaged latest checkpoint (issue #23): each kind of damage storage can do is reported by directory and the
+"""A damaged latest checkpoint: each kind of damage storage can do is reported by directory and the
 previous complete checkpoint restored instead; with none usable, one error names them all.
 
 The damage is done to real orbax checkpoints of a small TrainState-shaped pytree (random arrays, so the data files
@@ -117,7 +117,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 
 
 def test_flipped_bytes_are_caught_by_the_checksum_not_by_the_reader(tmp_path):
-    """Without the checksum the flipped bytes restore silently (issue #23): the reader alone must not notice."""
+    """Without the checksum the flipped bytes restore silently: the reader alone must not notice."""
     import jax
 
     from dino_jax import checkpoint

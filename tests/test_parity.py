@@ -229,7 +229,7 @@ def test_layer_norm_and_its_custom_gradient():
 
 
 def test_collapse_warning_on_the_demos_monitor_values():
-    """Teacher (entropy, batch-mean entropy) pairs logged by the demo runs of the README's table, K = 1024."""
+    """Teacher (entropy, batch-mean entropy) pairs logged by the demo runs of docs/demo_recipe_history.md, K = 1024."""
     def warn(entropy, batch_entropy):
         return dino.collapse_warning({"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy}, 1024)
 

@@ -39,8 +39,8 @@ __all__ = [
 def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0):
     """The reference's ``utils.trunc_normal_``: bounds ``a``/``b`` are ABSOLUTE (so std .02 is untruncated in
     practice). Same sampling method (one uniform draw pushed through the inverse normal CDF, then clamped), hence
-    the same numbers for a given seed. (Recent ``torch.nn.init.trunc_normal_`` switched to rejection sampling and
-    no longer reproduces the reference's draws, so it is not used.)"""
+    the same numbers for a given seed. (``torch.nn.init.trunc_normal_`` is not used: it samples by rejection when
+    most of the mass lies within the bounds, which draws other numbers.)"""
 
     def cdf(z: float) -> float:
         return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
