@@ -87,25 +87,19 @@ def main(argv=None):
     else:
         model, params, info = cli.load_backbone(args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
         train, val, resize, crop = cli.open_train_val(args, cli.demo_image_size(info), info)
-        num_classes = max(train.num_classes, val.num_classes)
-        gb = cli.global_batch_size(args.batch_size_per_gpu)
+        protocol = knn.KnnProtocol(train, val, cli.global_batch_size(args.batch_size_per_gpu), resize, crop,
+                                   tuple(args.nb_knn), args.temperature)
+        num_classes = protocol.num_classes
         print(f"data: {train.num_examples} train and {val.num_examples} val images, {num_classes} classes; "
-              f"resize {resize}, crop {crop}; global batch {gb}", flush=True)
-        print("extracting features for the train set...", flush=True)
-        train_f, train_l = knn.extract_features(model, params, cli.eval_batches(train, gb, resize, crop),
-                                                name="train")
-        print("extracting features for the val set...", flush=True)
-        test_f, test_l = knn.extract_features(model, params, cli.eval_batches(val, gb, resize, crop), name="val")
+              f"resize {resize}, crop {crop}; global batch {protocol.global_batch}", flush=True)
+        print("extracting features for the train (bank) and val (queries) sets...", flush=True)
+        train_f, train_l, test_f, test_l = protocol.features(model, params)
         if args.dump_features and jax.process_index() == 0:
             dump_features(args.dump_features, (train_f, test_f, train_l, test_l))
     print(f"features ready: train {train_f.shape}, test {test_f.shape} ({time.time() - t0:.1f}s); k-NN...",
           flush=True)
-    ks = [k for k in args.nb_knn if k <= len(train_f)]
-    if len(ks) < len(args.nb_knn):
-        print(f"note: skipping k > {len(train_f)} (the number of train images): "
-              f"{[k for k in args.nb_knn if k > len(train_f)]}", flush=True)
-    results = knn.knn_classifier_multi_k(train_f, train_l, test_f, test_l, ks, args.temperature, num_classes)
-    for k in ks:
+    results = knn.knn_classifier_multi_k(train_f, train_l, test_f, test_l, args.nb_knn, args.temperature, num_classes)
+    for k in results:
         print(f"{k}-NN classifier result: Top1: {results[k]['top1']}, Top5: {results[k]['top5']}")
     print(knn.format_table(results), flush=True)
     if args.output and jax.process_index() == 0:

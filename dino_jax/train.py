@@ -156,38 +156,22 @@ class Evaluator:
     """k-NN on the labelled eval split and attention maps of a few fixed validation images (teacher backbone)."""
 
     def __init__(self, config, model, mesh, workdir):
-        from dino_jax.data import pipeline
+        from dino_jax.evaluation import knn
 
         self.config, self.model, self.mesh, self.workdir = config, model, mesh, workdir
         self.enabled = bool(config.eval_dataset and config.eval_train_dataset)
-        if not self.enabled:
-            return
-        self.bank = _open_source(config.eval_train_dataset, data_dir=config.data_dir,
-                                 image_size=config.global_crop_size, grayscale=config.grayscale_input,
-                                 max_examples=config.eval_max_train_examples or None)
-        self.queries = _open_source(config.eval_dataset, data_dir=config.data_dir,
-                                    image_size=config.global_crop_size, grayscale=config.grayscale_input)
-        self.pipeline = pipeline
-        self.num_classes = self.queries.num_classes
-
-    def _batches(self, source):
-        return self.pipeline.eval_iterator(source, global_batch=self.config.eval_batch_size,
-                                           sharding=sharding.batch_sharding(self.mesh),
-                                           resize_size=self.config.eval_resize_size,
-                                           crop_size=self.config.eval_crop_size)
+        if self.enabled:
+            self.knn = knn.KnnProtocol.from_config(config, open_source=_open_source)
 
     def __call__(self, teacher_params, tag: str) -> dict:
-        from dino_jax.evaluation import attention, knn
+        from dino_jax.evaluation import attention
 
         if not self.enabled:
             return {}
         c, backbone = self.config, self.model.backbone
         params = teacher_params["backbone"]
         t0 = time.time()
-        bank_f, bank_l = knn.extract_features(backbone, params, self._batches(self.bank))
-        query_f, query_l = knn.extract_features(backbone, params, self._batches(self.queries))
-        results = knn.knn_classifier_multi_k(bank_f, bank_l, query_f, query_l, list(c.nb_knn), c.knn_temperature,
-                                             self.num_classes)
+        results = self.knn(backbone, params, self.mesh)
         out = {f"knn_top1_k{k}": r["top1"] for k, r in results.items()}
         k20 = 20 if 20 in results else sorted(results)[0]
         out["knn_top1"], out["knn_top5"] = results[k20]["top1"], results[k20]["top5"]
@@ -204,11 +188,11 @@ class Evaluator:
     def _attention_images(self):
         """Up to 256 validation images (with their ground-truth masks when the dataset has them)."""
         images, masks = [], []
-        for batch in self._batches(self.queries):
-            valid = np.asarray(jax.device_get(batch["valid"]))
-            images.append(np.asarray(jax.device_get(batch["image"]))[valid])
+        for batch in self.knn.batches(self.knn.queries, self.mesh):
+            valid = sharding.to_host(batch["valid"])
+            images.append(sharding.to_host(batch["image"])[valid])
             if "mask" in batch:
-                masks.append(np.asarray(jax.device_get(batch["mask"]))[valid])
+                masks.append(sharding.to_host(batch["mask"])[valid])
             if sum(len(x) for x in images) >= 256:
                 break
         return np.concatenate(images)[:256], (np.concatenate(masks)[:256] if masks else None)

@@ -130,9 +130,25 @@ def test_extract_features_orders_by_index_and_drops_padding():
     assert feats.shape == (11, 64) and feats.dtype == np.float32
     np.testing.assert_allclose(feats, want, atol=1e-5)
     np.testing.assert_array_equal(labs, labels)
-    res = knn.run_knn(model, params, _batches(images, labels, np.arange(11), 4),
-                      _batches(images, labels, np.arange(11), 4), [1], 0.07, 3)
-    assert res[1]["top1"] == 100.0  # every query finds itself
+
+
+def test_protocol_from_a_training_config():
+    """The trainer's protocol from its config (a ConfigDict, as the trainer has it): bank and queries (here the same
+    demo images, so with k=1 every query finds itself), the eval transform, and the vote for every k."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict({
+        "eval_train_dataset": "demo:val:12", "eval_dataset": "demo:val:12", "eval_max_train_examples": 0,
+        "data_dir": None, "global_crop_size": 32, "grayscale_input": False, "eval_batch_size": 8,
+        "eval_resize_size": 32, "eval_crop_size": 32, "nb_knn": (1, 3), "knn_temperature": 0.07})
+    protocol = knn.KnnProtocol.from_config(config)
+    assert protocol.bank.num_examples == protocol.queries.num_examples == 12
+    model = build_vit("vit_custom", 8, embed_dim=64, depth=2, num_heads=2, img_size=32)
+    bank_f, bank_l, query_f, query_l = protocol.features(model, random_params(model))
+    assert bank_f.shape == query_f.shape == (12, 64)
+    np.testing.assert_array_equal(bank_l, query_l)
+    results = protocol.classify(bank_f, bank_l, query_f, query_l)
+    assert sorted(results) == [1, 3] and results[1]["top1"] == 100.0
 
 
 SCRIPT = r"""

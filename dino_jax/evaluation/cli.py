@@ -109,10 +109,9 @@ def open_train_val(args, image_size: int | None = None, info: dict | None = None
         if not (protocol.get("eval_train_dataset") and protocol.get("eval_dataset")):
             sys.exit("give --data_path (a folder with train/ and val/) or --dataset (a spec: tfds:NAME, folder:PATH "
                      "or demo); only a dino_jax workdir whose run had eval_train_dataset/eval_dataset needs neither")
-        size, data_dir = protocol.get("global_crop_size"), args.data_dir or protocol.get("data_dir")
-        train = sources.load_source(protocol["eval_train_dataset"], data_dir=data_dir, image_size=size,
-                                    grayscale=grey, max_examples=protocol.get("eval_max_train_examples") or None)
-        val = sources.load_source(protocol["eval_dataset"], data_dir=data_dir, image_size=size, grayscale=grey)
+        from dino_jax.evaluation import knn
+
+        train, val = knn.training_sources(protocol, data_dir=args.data_dir)
         print(f"no --data_path/--dataset: repeating the training run's k-NN protocol (bank "
               f"{protocol['eval_train_dataset']}, queries {protocol['eval_dataset']})", flush=True)
         return (train, val, args.resize_size or protocol["eval_resize_size"],

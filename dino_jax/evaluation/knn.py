@@ -2,8 +2,8 @@
 
 `extract_features` runs the frozen backbone over global batches (sharded P('data') on the mesh) and returns
 L2-normalised CLS features ordered by example index; `knn_classifier` / `knn_classifier_multi_k` are the
-reference's cosine top-k vote with weights exp(sim/T). The trainer calls these on in-memory batches; the CLI
-`python -m dino_jax.eval_knn` wraps them.
+reference's cosine top-k vote with weights exp(sim/T). `KnnProtocol` (bank, queries, transform, k, T) puts them
+together for the trainer's periodic evaluation and the CLI `python -m dino_jax.eval_knn`.
 
 Differences from the reference, all deliberate:
 - test rows go in fixed-size chunks (padded, so one compiled program serves every chunk) instead of
@@ -17,14 +17,14 @@ Differences from the reference, all deliberate:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from dino_jax import sharding as shd
 
@@ -47,42 +47,12 @@ def feature_fn(model):
     """One compiled forward per model: CLS feature after the final norm, L2-normalised, float32.
 
     The features come out sharded like the images, so each device runs the backbone on its own rows only;
-    `_host` gathers them afterwards.
+    `sharding.to_host` gathers them afterwards.
     """
     def fwd(params, images):
         return l2_normalize(model.apply({"params": params}, images).astype(jnp.float32))
 
     return jax.jit(fwd)
-
-
-def place_batch(images, mesh):
-    """Host arrays (e.g. a trainer's in-memory batch) go onto the mesh split on the batch axis when they divide."""
-    if isinstance(images, jax.Array):
-        s = images.sharding
-        if isinstance(s, NamedSharding) and s.mesh == mesh:
-            return images
-        images = _host(images)
-    if len(images) % mesh.size == 0:
-        return jax.device_put(images, shd.batch_sharding(mesh))
-    return jax.device_put(images, shd.replicated(mesh))
-
-
-def mesh_of(batch_images):
-    s = getattr(batch_images, "sharding", None)
-    if isinstance(s, NamedSharding):
-        return s.mesh
-    return shd.make_mesh()
-
-
-def _host(x) -> np.ndarray:
-    """A (possibly sharded, possibly multi-host) global array as one numpy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.sharding.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def extract_features(model, params, batches: Iterable[Mapping], *, log_every: int = 20, name: str = "features"):
@@ -99,14 +69,14 @@ def extract_features(model, params, batches: Iterable[Mapping], *, log_every: in
     for i, batch in enumerate(batches):
         images = batch["image"]
         if fn is None:
-            mesh = mesh_of(images)
+            mesh = shd.mesh_of(images)
             fn = feature_fn(model)
             params_on_mesh = jax.device_put(params, shd.replicated(mesh))
-        f = _host(fn(params_on_mesh, place_batch(images, mesh)))
+        f = shd.to_host(fn(params_on_mesh, shd.place_batch(images, mesh)))
         n = f.shape[0]
-        valid = _host(batch["valid"]).astype(bool) if "valid" in batch else np.ones(n, bool)
-        index = _host(batch["index"]).astype(np.int64) if "index" in batch else n_done + np.arange(n)
-        label = _host(batch["label"]).astype(np.int64) if "label" in batch else np.full(n, -1, np.int64)
+        valid = shd.to_host(batch["valid"]).astype(bool) if "valid" in batch else np.ones(n, bool)
+        index = shd.to_host(batch["index"]).astype(np.int64) if "index" in batch else n_done + np.arange(n)
+        label = shd.to_host(batch["label"]).astype(np.int64) if "label" in batch else np.full(n, -1, np.int64)
         feats.append(f[valid])
         labels.append(label[valid])
         indices.append(index[valid])
@@ -208,14 +178,68 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k: 
     return r["top1"], r["top5"]
 
 
-def run_knn(model, params, train_batches, test_batches, nb_knn: Sequence[int] = (10, 20, 100, 200),
-            T: float = 0.07, num_classes: int | None = None) -> dict:
-    """Extract train and test features, then {k: {"top1", "top5"}}. num_classes defaults to max label + 1."""
-    train_f, train_l = extract_features(model, params, train_batches, name="train features")
-    test_f, test_l = extract_features(model, params, test_batches, name="test features")
-    if num_classes is None:
-        num_classes = int(max(train_l.max(), test_l.max())) + 1
-    return knn_classifier_multi_k(train_f, train_l, test_f, test_l, nb_knn, T, num_classes)
+def training_sources(config, *, data_dir: str | None = None, open_source=None):
+    """(bank, queries) of a training config's periodic k-NN evaluation: `eval_train_dataset` (an evenly spread
+    `eval_max_train_examples` of it, when set) and `eval_dataset`, rendered at `global_crop_size` (the demo) and grey
+    when the run trained on grey input. `open_source` defaults to data.sources.load_source."""
+    if open_source is None:
+        from dino_jax.data.sources import load_source as open_source
+    kw = {"data_dir": data_dir or config.get("data_dir"), "image_size": config.get("global_crop_size"),
+          "grayscale": bool(config.get("grayscale_input"))}
+    return (open_source(config["eval_train_dataset"], max_examples=config.get("eval_max_train_examples") or None,
+                        **kw),
+            open_source(config["eval_dataset"], **kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnProtocol:
+    """The k-NN evaluation of a backbone: L2-normalised CLS features of a labelled bank and of the queries (the eval
+    transform: resize the shorter side, centre crop), then the weighted vote for every k in `nb_knn`.
+
+    One object serves the trainer's periodic evaluation and `eval_knn`, so the command line, pointed at a run, repeats
+    what the trainer logged. The classes are those of the larger of the two sources.
+    """
+    bank: Any  # data.sources.Source
+    queries: Any
+    global_batch: int
+    resize_size: int = 256
+    crop_size: int = 224
+    nb_knn: tuple = (10, 20, 100, 200)
+    temperature: float = 0.07
+
+    @classmethod
+    def from_config(cls, config, *, open_source=None) -> "KnnProtocol":
+        """The protocol a training config describes: `training_sources`, eval_batch_size, eval_resize_size,
+        eval_crop_size, nb_knn and knn_temperature."""
+        return cls(*training_sources(config, open_source=open_source), global_batch=config["eval_batch_size"],
+                   resize_size=config["eval_resize_size"], crop_size=config["eval_crop_size"],
+                   nb_knn=tuple(config["nb_knn"]), temperature=config["knn_temperature"])
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.bank.num_classes, self.queries.num_classes)
+
+    def batches(self, source, mesh=None):
+        """The pipeline's global eval batches of `source`, split over `mesh` (default: every device)."""
+        from dino_jax.data import pipeline
+
+        mesh = shd.make_mesh() if mesh is None else mesh
+        return pipeline.eval_iterator(source, global_batch=self.global_batch, sharding=shd.batch_sharding(mesh),
+                                      resize_size=self.resize_size, crop_size=self.crop_size)
+
+    def features(self, model, params, mesh=None):
+        """(bank features, bank labels, query features, query labels), as `extract_features` returns them."""
+        bank = extract_features(model, params, self.batches(self.bank, mesh), name="bank")
+        queries = extract_features(model, params, self.batches(self.queries, mesh), name="queries")
+        return (*bank, *queries)
+
+    def classify(self, bank_f, bank_l, query_f, query_l) -> dict:
+        """{k: {"top1", "top5"}} in percent (`knn_classifier_multi_k`)."""
+        return knn_classifier_multi_k(bank_f, bank_l, query_f, query_l, self.nb_knn, self.temperature,
+                                      self.num_classes)
+
+    def __call__(self, model, params, mesh=None) -> dict:
+        return self.classify(*self.features(model, params, mesh))
 
 
 def format_table(results: Mapping) -> str:
