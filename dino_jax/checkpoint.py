@@ -1,4 +1,4 @@
-"""Checkpoints (the only module that imports orbax).
+"""Checkpoints: the only module that reads or writes them (orbax; sharding.py uses only its process barrier).
 
 A checkpoint is one step directory under WORKDIR/checkpoints holding two items:
   state: the whole TrainState pytree (step, student and teacher params, optimiser state, center, rng),

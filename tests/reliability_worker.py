@@ -11,8 +11,8 @@ Instrumentation (environment variables; nothing is patched when they are unset):
   RELIABILITY_NAN_STEPS=3,11  the batches of these steps (1-based, as in the logs, metrics.jsonl and checkpoint
                               numbers) get NaN global crops: a genuinely non-finite loss and gradient through the
                               real train step.
-  RELIABILITY_SLOW_PROCESS=1:60  process 1 opens its first data source 60 s late: a host that reaches the first
-                              collective long after the others (JAX's CPU collectives give their setup 30 s).
+  RELIABILITY_SLOW_PROCESS=1:40  process 1 finishes building its train state 40 s late: a host that reaches the
+                              first collective long after the others (JAX's CPU collectives give their setup 30 s).
 """
 import atexit
 import dataclasses
@@ -97,16 +97,18 @@ def _instrument():
 
         import jax
 
+        from dino_jax import dino
+
         process, seconds = (int(x) for x in slow.split(":"))
-        open_source, delayed = sources.load_source, []
+        create_train_state = dino.create_train_state
 
-        def late_source(*args, **kwargs):
-            if jax.process_index() == process and not delayed:
-                delayed.append(seconds)
+        def late_state(*args, **kwargs):
+            state = create_train_state(*args, **kwargs)
+            if jax.process_index() == process:
                 time.sleep(seconds)
-            return open_source(*args, **kwargs)
+            return state
 
-        sources.load_source = late_source
+        dino.create_train_state = late_state
 
 
 def _restore(workdir, out):

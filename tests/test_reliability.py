@@ -1,4 +1,4 @@
-"""Reliability of the trainer (issue #9): multi-process training, crashes, bad input, non-finite steps, determinism.
+"""Reliability of the trainer: multi-process training, crashes, bad input, non-finite steps, determinism.
 
 Every end-to-end run is a real `python -m dino_jax.main` (through tests/reliability_worker.py, which adds only
 opt-in instrumentation) on the config of tests/reliability_config.py: a 2-block 32-px ViT on 64 demo images, global
@@ -165,13 +165,13 @@ def test_same_seed_and_config_give_bit_identical_runs(reference):
 def test_two_processes_match_one_and_read_disjoint_shares(reference, tmp_path, jax_cache):
     """2 processes x 4 devices (jax.distributed on localhost, CPU collectives) == 1 process x 8 devices.
 
-    Process 1 opens its data 60 s late: hosts of a pod reach the first collective far apart.
+    Process 1 finishes building its state 40 s after process 0: hosts of a pod reach the first collective far apart.
     """
     workdir, record = str(tmp_path / "run"), str(tmp_path / "record")
     port = _free_port()
     procs = [_start(workdir, jax_cache, f"--coordinator_address=localhost:{port}", "--num_processes=2",
                     f"--process_id={i}", devices=4, log=str(tmp_path / f"p{i}.log"),
-                    env={"RELIABILITY_RECORD": record, "RELIABILITY_SLOW_PROCESS": "1:60"}) for i in range(2)]
+                    env={"RELIABILITY_RECORD": record, "RELIABILITY_SLOW_PROCESS": "1:40"}) for i in range(2)]
     for p in procs:
         _ok(p)
     assert "process 1 of 2" in _text(procs[1]) and "mesh {'data': 8}" in _text(procs[0])
@@ -545,14 +545,11 @@ def _stopped_at(procs) -> int:
     return int(found[0][0][0])
 
 
-def _sigterm_resume_and_compare(tmp_path, cache, flags, signal_to, after_step, reference_dir, total):
-    """Run two processes, SIGTERM the processes in SIGNAL_TO (1.5 s apart) once step AFTER_STEP is logged; both
-    must exit 0 within 120 s at one agreed step with its checkpoint; the same two commands then resume from it and
-    end where the uninterrupted REFERENCE_DIR ended. Returns the stop step."""
-    workdir = str(tmp_path / "run")
-    procs = _two_processes(workdir, tmp_path, cache, *flags, tag="first")
-    _wait_for(lambda: max(_steps(workdir), default=0) >= after_step, procs[0], what=f"step {after_step}")
-    at_signal = max(_steps(workdir))
+def _sigterm(workdir, procs, signal_to, after_step, offset=0) -> int:
+    """SIGTERM the processes in SIGNAL_TO (1.5 s apart) once step AFTER_STEP is logged; both must exit 0 within
+    120 s at one agreed step, later than AFTER_STEP, with a complete checkpoint of it. Returns that step."""
+    _wait_for(lambda: max(_steps(workdir, offset), default=0) >= after_step, procs[0], what=f"step {after_step}")
+    at_signal = max(_steps(workdir, offset))
     t0 = time.time()
     for k, i in enumerate(signal_to):
         if k:
@@ -560,46 +557,58 @@ def _sigterm_resume_and_compare(tmp_path, cache, flags, signal_to, after_step, r
         procs[i].send_signal(signal.SIGTERM)
     codes = [_finish(p, timeout=120) for p in procs]
     took = time.time() - t0
-    stop = _stopped_at(procs)
-    print(f"SIGTERM to {signal_to} after step {at_signal}: exit codes {codes} after {took:.1f}s, stop step {stop}")
+    print(f"SIGTERM to {signal_to} after step {at_signal}: exit codes {codes} after {took:.1f}s")
     assert codes == [0, 0], [_text(p)[-3000:] for p in procs]
-    assert took < 120 and stop > after_step
+    stop = _stopped_at(procs)
+    assert took < 120 and stop > after_step, (took, stop)
     complete, partial = _ckpt_dirs(workdir)
     assert complete[-1] == stop and not partial, (complete, partial)
-
-    procs = _two_processes(workdir, tmp_path, cache, *flags, tag="rerun")
-    for p in procs:
-        _ok(p)
-        assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {stop} " in _text(p)
-    (final, _), (ref, _) = _state(workdir), _state(reference_dir)
-    assert int(final["step"]) == total
-    for key in ("params", "teacher_params", "center"):
-        assert max_relative_error(ref[key], final[key]) <= 1e-5, key
-    ours, theirs = _steps(workdir), _steps(reference_dir)
-    assert sorted(ours) == sorted(theirs) == list(range(1, total + 1))
-    np.testing.assert_allclose([ours[s]["loss"] for s in sorted(ours)], [theirs[s]["loss"] for s in sorted(theirs)],
-                               rtol=1e-5, atol=0)
     return stop
 
 
+def _resumed(procs, workdir, step):
+    for p in procs:
+        _wait_for(lambda: "resumed from" in _text(p), p, what="the resume")
+        assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {step} " in _text(p), _text(p)[-3000:]
+
+
+LONG = ("--config.dataset=demo:train:512", "--config.epochs=1")  # 64 steps
+EVERY_40, EVERY_STEP = "--config.checkpoint_every_steps=40", "--config.checkpoint_every_steps=1"
+
+
 @pytest.mark.slow
-def test_sigterm_to_both_processes_on_checkpoint_steps(reference, tmp_path, jax_cache):
-    """Every step a checkpoint step (the stop step coincides with a scheduled save, which hung before)."""
-    _sigterm_resume_and_compare(tmp_path, jax_cache, ["--config.checkpoint_every_steps=1"], signal_to=(0, 1),
-                                after_step=5, reference_dir=reference[0], total=TOTAL_STEPS)
+def test_sigterm_to_one_process_then_to_both_on_a_checkpoint_step_and_resume(tmp_path, jax_cache):
+    """Preemption of a two-process run, twice, then the end of the run equals the uninterrupted run's.
 
+    1. SIGTERM to process 1 only after step 50, checkpoints every 40: the stop step is off the save schedule.
+    2. The resumed run saves every step; SIGTERM to both processes, 1.5 s apart: the stop step coincides with a
+       scheduled save.
+    3. The second resume finishes: the same parameters and losses as one uninterrupted process.
+    """
+    reference_dir, workdir = str(tmp_path / "uninterrupted"), str(tmp_path / "run")
+    _ok(_start(reference_dir, jax_cache, *LONG, EVERY_40))
 
-LONG = ("--config.dataset=demo:train:512", "--config.epochs=1", "--config.checkpoint_every_steps=40")  # 64 steps
+    procs = _two_processes(workdir, tmp_path, jax_cache, *LONG, EVERY_40, tag="first")
+    first = _sigterm(workdir, procs, (1,), after_step=50)
+    assert first % 40
 
+    offset = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
+    procs = _two_processes(workdir, tmp_path, jax_cache, *LONG, EVERY_STEP, tag="second")
+    _resumed(procs, workdir, first)
+    second = _sigterm(workdir, procs, (0, 1), after_step=first + 2, offset=offset)
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_after_step_50(tmp_path, jax_cache):
-    """Issue #23's bar: SIGTERM to process 1 only, after step 50, checkpoints every 40 (off a checkpoint step)."""
-    reference_dir = str(tmp_path / "uninterrupted")
-    _ok(_start(reference_dir, jax_cache, *LONG))
-    stop = _sigterm_resume_and_compare(tmp_path, jax_cache, LONG, signal_to=(1,), after_step=50,
-                                       reference_dir=reference_dir, total=64)
-    assert stop % 40
+    procs = _two_processes(workdir, tmp_path, jax_cache, *LONG, EVERY_40, tag="last")
+    for p in procs:
+        _ok(p)
+    _resumed(procs, workdir, second)
+    (final, _), (ref, _) = _state(workdir), _state(reference_dir)
+    assert int(final["step"]) == 64
+    for key in ("params", "teacher_params", "center"):
+        assert max_relative_error(ref[key], final[key]) <= 1e-5, key
+    ours, theirs = _steps(workdir), _steps(reference_dir)
+    assert sorted(ours) == sorted(theirs) == list(range(1, 65))
+    np.testing.assert_allclose([ours[s]["loss"] for s in sorted(ours)], [theirs[s]["loss"] for s in sorted(theirs)],
+                               rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------------------ 7. config on resume

@@ -22,26 +22,31 @@ spe = 2
 model = dino.build_model(c)
 mesh = sharding.make_mesh()
 assert mesh.size == {n}, mesh
-state = sharding.shard_state(dino.create_train_state(c, model, spe, jax.random.PRNGKey(0)), mesh)
 step = sharding.jit_train_step(dino.make_train_step(c, spe), mesh)
-rng = np.random.default_rng(0)
-order = np.random.default_rng(1).permutation(16) if {permute} else np.arange(16)
-losses = []
-for i in range(3):
-    batch = {{"global": rng.normal(size=(16, 2, 32, 32, 3)).astype(np.float32)[order],
-              "local": rng.normal(size=(16, 2, 16, 16, 3)).astype(np.float32)[order]}}
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    state, m = step(state, batch)
-    losses.append(float(m["loss"]))
+runs = {{}}
+for permute in {variants}:
+    state = sharding.shard_state(dino.create_train_state(c, model, spe, jax.random.PRNGKey(0)), mesh)
+    rng = np.random.default_rng(0)
+    order = np.random.default_rng(1).permutation(16) if permute else np.arange(16)
+    losses = []
+    for i in range(3):
+        batch = {{"global": rng.normal(size=(16, 2, 32, 32, 3)).astype(np.float32)[order],
+                  "local": rng.normal(size=(16, 2, 16, 16, 3)).astype(np.float32)[order]}}
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    runs[permute] = dict(losses=np.array(losses),
+                         state=jax.device_get((state.params, state.teacher_params, state.center)))
 import pickle
 with open({out!r}, "wb") as f:
-    pickle.dump(dict(losses=np.array(losses), state=jax.device_get((state.params, state.teacher_params, state.center))), f)
+    pickle.dump(runs, f)
 """
 
 
-def _run(n, out, permute=False):
+def _run(n, out, variants=(False,)):
+    """{permuted rows?: {"losses", "state"}} after 3 steps on N devices, one compiled step for every variant."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    code = SCRIPT.format(tests=os.path.dirname(__file__), n=n, out=out, permute=permute)
+    code = SCRIPT.format(tests=os.path.dirname(__file__), n=n, out=out, variants=tuple(variants))
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     with open(out, "rb") as f:
         return pickle.load(f)
@@ -59,8 +64,8 @@ def _differences(a, b) -> dict:
 def test_one_vs_eight_devices(tmp_path):
     import jax
 
-    one, eight = _run(1, str(tmp_path / "one.pkl")), _run(8, str(tmp_path / "eight.pkl"))
-    permuted = _run(1, str(tmp_path / "permuted.pkl"), permute=True)
+    single = _run(1, str(tmp_path / "one.pkl"), variants=(False, True))
+    one, permuted, eight = single[False], single[True], _run(8, str(tmp_path / "eight.pkl"))[False]
     np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5)
     noise, devices = _differences(one["state"], permuted["state"]), _differences(one["state"], eight["state"])
     scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(one["state"]))
