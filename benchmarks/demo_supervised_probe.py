@@ -67,7 +67,7 @@ def main(argv):
     predict = jax.jit(lambda p, x: jnp.argmax(model.apply(p, x), -1))
     rng = np.random.default_rng(config.seed)
     n, b = len(train_x), FLAGS.batch_size
-    print(f"| epoch | steps | train loss (last 50) | val top-1 (%) | seconds |\n|---|---|---|---|---|", flush=True)
+    print("| epoch | steps | train loss (last 50) | val top-1 (%) | seconds |\n|---|---|---|---|---|", flush=True)
     print(f"| 0 | 0 | | {100 * float((predict(params, val_x) == val_y).mean()):.1f} | 0 |", flush=True)
     t0, losses = time.time(), []
     for epoch in range(1, FLAGS.epochs + 1):

@@ -72,7 +72,6 @@ def test_map_matches_a_brute_force_walk_on_random_rankings():
 
 
 def test_perfect_descriptors_give_map_1_and_random_ones_do_not():
-    rng = np.random.default_rng(1)
     n_classes, per_class = 6, 5
     labels = np.repeat(np.arange(n_classes), per_class)
     q_labels = np.arange(n_classes)

@@ -4,7 +4,6 @@ numerically sensitive parts (residual stream, LayerNorm statistics, softmax, los
 import jax
 import jax.extend.core
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from conftest import max_relative_error, tiny_config
 

@@ -257,7 +257,7 @@ def test_sigkill_during_saves_and_sigterm_resume_to_the_same_result(reference, t
     p = _start(workdir, jax_cache, every_step)
     _ok(p)
     assert f"at step {saved} " in _text(p)
-    (final, meta), (ref, _) = _state(workdir), _state(reference[0])
+    (final, _), (ref, _) = _state(workdir), _state(reference[0])
     assert int(final["step"]) == TOTAL_STEPS
     assert _identical(final, ref), f"resumed run differs from the uninterrupted one: {max_relative_error(final, ref)}"
     ours, theirs = _steps(workdir), _steps(reference[0])
@@ -503,7 +503,7 @@ def test_nonfinite_step_stops_or_is_skipped(reference, tmp_path, jax_cache):
     assert _finish(stop) != 0
     log = _text(stop)
     ckpts = os.path.join(stop_dir, "checkpoints")
-    assert (f"non-finite loss or gradient at step 6 (loss=nan" in log and
+    assert ("non-finite loss or gradient at step 6 (loss=nan" in log and
             f"the last complete checkpoint (step 5) in {ckpts} is intact" in log), log[-3000:]
     state, _ = _state(stop_dir)
     assert int(state["step"]) == 5 and _ckpt_dirs(stop_dir)[1] == []

@@ -16,7 +16,7 @@ Single process only: the center update and the k-NN feature bank do what the ref
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
