@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import torch_reference as R  # noqa: E402
 from conftest import max_relative_error, tiny_config  # noqa: E402
 from dino_jax import convert, dino  # noqa: E402
+from dino_jax.convert import cli as convert_cli  # noqa: E402
 from dino_jax.models.head import DINOHead  # noqa: E402
 from dino_jax.models.vit import build_vit  # noqa: E402
 
@@ -281,8 +282,8 @@ def test_cli_round_trips(reference_run, tmp_path):
 
     net = torch_model(seed=3).backbone
     torch.save(net.state_dict(), tmp_path / "pretrain.pth")
-    convert.main(["--input", str(tmp_path / "pretrain.pth"), "--output", str(tmp_path / "run2"), "--out_dim", "32"])
-    convert.main(["--to_torch", "--input", str(tmp_path / "run2"), "--output", str(tmp_path / "pretrain2.pth")])
+    convert_cli.main(["--input", str(tmp_path / "pretrain.pth"), "--output", str(tmp_path / "run2"), "--out_dim", "32"])
+    convert_cli.main(["--to_torch", "--input", str(tmp_path / "run2"), "--output", str(tmp_path / "pretrain2.pth")])
     again = convert.load_torch_file(str(tmp_path / "pretrain2.pth"))
     assert list(again) == list(net.state_dict())
     for k, v in net.state_dict().items():
@@ -300,10 +301,10 @@ def test_cli_round_trips(reference_run, tmp_path):
 
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="no such file"):
-        convert.main(["--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "out")])
+        convert_cli.main(["--input", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "out")])
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "resnet.pth")
     with pytest.raises(SystemExit, match=r"not a DINO ViT state dict.*conv1.weight \(64, 3, 7, 7\)"):
-        convert.main(["--input", str(tmp_path / "resnet.pth"), "--output", str(tmp_path / "out")])
+        convert_cli.main(["--input", str(tmp_path / "resnet.pth"), "--output", str(tmp_path / "out")])
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     with pytest.raises(SystemExit, match=r"pip install 'dino_jax\[torch\]'"):
         convert.load_torch_file(str(tmp_path / "resnet.pth"))
