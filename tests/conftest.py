@@ -28,6 +28,24 @@ def pytest_make_collect_report(collector):
     _fail_if_skipped((yield).get_result())
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg): one worker per core, at most 4 (each end-to-end test starts 8-device XLA processes)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with the most end-to-end (`slow`) tests first, in-module order kept.
+
+    pytest-xdist hands whole files to its workers in this order (`--dist loadfile`), so the longest files start at
+    once and the short ones fill the gaps, instead of a long file starting last and running alone.
+    """
+    slow = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+
+
 def tiny_config(**overrides):
     """A reference-default config shrunk to a 2-block ViT at 32 px with a small head."""
     from dino_jax.config import base_config
