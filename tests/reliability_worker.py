@@ -6,8 +6,9 @@
 
 Instrumentation (environment variables; nothing is patched when they are unset):
   RELIABILITY_RECORD=PREFIX   at exit, write PREFIX.<process_index>.json with the (epoch, example index) pairs this
-                              process's training pipeline asked for, in order, and the example indices its source
-                              actually loaded (so a test can check which examples each process read).
+                              process's training pipeline asked for, in order, and per dataset spec the example
+                              indices its sources actually loaded (so a test can check which examples each process
+                              read).
   RELIABILITY_NAN_STEPS=3,11  the batches of these steps (1-based, as in the logs, metrics.jsonl and checkpoint
                               numbers) get NaN global crops: a genuinely non-finite loss and gradient through the
                               real train step.
@@ -34,7 +35,7 @@ def _instrument():
     from dino_jax.data import pipeline, sources
 
     if record:
-        requested, loaded = [], []
+        requested, loaded = [], {}
         train_indices, load_source = pipeline.train_indices, sources.load_source
 
         def recorded_indices(*args, **kwargs):
@@ -48,11 +49,12 @@ def _instrument():
 
             return train_indices(*args, **kwargs).map(rec)  # sequential: records the stream in order
 
-        def recorded_source(*args, **kwargs):
-            source = load_source(*args, **kwargs)
+        def recorded_source(spec, *args, **kwargs):
+            source = load_source(spec, *args, **kwargs)
+            indices = loaded.setdefault(spec, [])
 
             def load(index):
-                zero = tf.py_function(lambda i: loaded.append(int(i)) or np.int64(0), [index], tf.int64)
+                zero = tf.py_function(lambda i: indices.append(int(i)) or np.int64(0), [index], tf.int64)
                 return source.load(index + tf.reshape(zero, []))
 
             return dataclasses.replace(source, load=load)

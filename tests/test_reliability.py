@@ -135,14 +135,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The k-NN evaluation and attention Jaccard at the end (epoch 2), on 32-px demo images: 48 in the bank,
+# 200 queries, 40 per eval batch (5 per device).
+EVAL_AT_END = ("--config.eval_every_epochs=2", "--config.eval_train_dataset=demo:train:48",
+               "--config.eval_dataset=demo:val:200", "--config.eval_resize_size=32", "--config.eval_crop_size=32",
+               "--config.eval_batch_size=40")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, jax_cache):
-    """Two uninterrupted runs of the same command, one process with 8 devices, recording what they read."""
+    """Two uninterrupted runs of the same command, one process with 8 devices, recording what they read and
+    evaluating at the end."""
     base = tmp_path_factory.mktemp("reference")
     runs = [str(base / name) for name in ("run1", "run2")]
     for w in runs:  # one after the other: the second reuses the first's compiled programs
-        _ok(_start(w, jax_cache, env={"RELIABILITY_RECORD": f"{w}.record"}))
+        _ok(_start(w, jax_cache, *EVAL_AT_END, env={"RELIABILITY_RECORD": f"{w}.record"}))
     return runs
+
+
+def _summary(workdir) -> dict:
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------------ 5. determinism
@@ -163,14 +176,15 @@ def test_same_seed_and_config_give_bit_identical_runs(reference):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_read_disjoint_shares(reference, tmp_path, jax_cache):
-    """2 processes x 4 devices (jax.distributed on localhost, CPU collectives) == 1 process x 8 devices.
+    """2 processes x 4 devices (jax.distributed on localhost, CPU collectives) == 1 process x 8 devices, training
+    and the evaluation at the end (each process extracts the features of its rows; `sharding.to_host` gathers them).
 
     Process 1 finishes building its state 40 s after process 0: hosts of a pod reach the first collective far apart.
     """
     workdir, record = str(tmp_path / "run"), str(tmp_path / "record")
     port = _free_port()
     procs = [_start(workdir, jax_cache, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                    f"--process_id={i}", devices=4, log=str(tmp_path / f"p{i}.log"),
+                    f"--process_id={i}", *EVAL_AT_END, devices=4, log=str(tmp_path / f"p{i}.log"),
                     env={"RELIABILITY_RECORD": record, "RELIABILITY_SLOW_PROCESS": "1:40"}) for i in range(2)]
     for p in procs:
         _ok(p)
@@ -189,6 +203,16 @@ def test_two_processes_match_one_and_read_disjoint_shares(reference, tmp_path, j
         print(f"{key}: max relative difference, 2 processes vs 1: {err:.2e}")
         assert err <= 1e-5, key
 
+    # The evaluation saw every bank image and query once: the same k-NN and Jaccard as one process.
+    evaluated, expected = _summary(workdir), _summary(reference[0])
+    print("evaluation, 2 processes:", {k: evaluated[k] for k in ("knn_top1", "knn_top5", "attention_jaccard")},
+          "1 process:", {k: expected[k] for k in ("knn_top1", "knn_top5", "attention_jaccard")})
+    ks = sorted(k for k in expected if k.startswith("knn_top1_k"))  # k 10 and 20 (larger k than the bank: none)
+    assert ks and ks == sorted(k for k in evaluated if k.startswith("knn_top1_k")), (expected, evaluated)
+    for k in ks:
+        assert abs(evaluated[k] - expected[k]) <= 0.5, k  # 0.5: one query of 200
+    assert abs(evaluated["attention_jaccard"] - expected["attention_jaccard"]) <= 1e-3
+
     # Each process read only its own half of every global batch; together exactly what one process read.
     with open(f"{reference[0]}.record.0.json") as f:
         single = json.load(f)
@@ -205,9 +229,10 @@ def test_two_processes_match_one_and_read_disjoint_shares(reference, tmp_path, j
         assert not set(halves[0]) & set(halves[1])
     for i, s in enumerate(shares):
         requested = [idx for _, idx in s["requested"]]
-        assert len(s["loaded"]) >= TOTAL_STEPS * local
+        loaded = s["loaded"]["demo:train:64"]  # by the training source (the evaluation's bank is another spec)
+        assert len(loaded) >= TOTAL_STEPS * local
         left = list(requested)
-        for idx in s["loaded"]:  # multiset inclusion: nothing loaded that this process did not ask for
+        for idx in loaded:  # multiset inclusion: nothing loaded that this process did not ask for
             assert idx in left, f"process {i} loaded example {idx}, which is not in its share"
             left.remove(idx)
 
