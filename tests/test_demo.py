@@ -2,9 +2,9 @@
 on its checkpoint repeat what the trainer reported.
 
 One real `python -m dino_jax.main` run of the demo recipe stopped after DEMO_EPOCHS epochs of its schedule
-(`--config.stop_after_epochs`), then `eval_knn` and `visualize_attention` on its workdir. The asserted margins
-(+5 k-NN points, +0.05 Jaccard) are what these 2 epochs were measured to give (docs/demo_recipe_history.md). A
-collapsed teacher falls to chance (10%).
+(`--config.stop_after_epochs`), then `eval_knn` and `visualize_attention` on its workdir. These 2 epochs were
+measured to take the k-NN from 17.6 to 30.2 and the Jaccard from 0.206 to 0.377 (configs/demo.py); the test asserts
+two thirds of each gain (+8 points, +0.11). A collapsed teacher falls to chance (10%).
 """
 import json
 import os
@@ -38,16 +38,16 @@ def demo_run(tmp_path_factory):
 @pytest.mark.slow
 def test_a_short_demo_learns_without_collapse(demo_run):
     workdir, summary, log = demo_run
-    assert summary["steps"] == DEMO_EPOCHS * 156 and summary["epochs"] == DEMO_EPOCHS
-    assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 5.0, summary
-    assert summary["attention_jaccard"] >= summary["attention_jaccard_random_init"] + 0.05, summary
+    assert summary["steps"] == DEMO_EPOCHS * 625 and summary["epochs"] == DEMO_EPOCHS  # 10,000 images, batch 16
+    assert summary["knn_top1"] >= summary["knn_top1_random_init"] + 8.0, summary
+    assert summary["attention_jaccard"] >= summary["attention_jaccard_random_init"] + 0.11, summary
     assert "collapse" not in log, log[-3000:]
     with open(workdir / "metrics.jsonl") as f:
         rows = [r for r in map(json.loads, f) if "teacher_entropy" in r]
     last = rows[-50:]
     entropy = np.mean([r["teacher_entropy"] for r in last])
     batch_entropy = np.mean([r["teacher_batch_entropy"] for r in last])
-    # Measured over these steps: entropy 6.6 of ln K = 6.93, batch-mean entropy 0.27 above it. The collapsed runs of
+    # Measured over these steps: entropy 6.62 of ln K = 6.93, batch-mean entropy 0.25 above it. The collapsed runs of
     # docs/demo_recipe_history.md sat at 6.88-6.92 (uniform) or had the two within 0.05 (the same output for every image).
     assert entropy < np.log(1024) - 0.15, entropy
     assert batch_entropy > entropy + 0.1, (entropy, batch_entropy)
