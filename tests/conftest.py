@@ -1,4 +1,5 @@
 """Shared test helpers: tiny configs so every test compiles in seconds on a 2-core CPU."""
+import collections
 import os
 import sys
 
@@ -39,11 +40,8 @@ def pytest_collection_modifyitems(items):
     pytest-xdist hands whole files to its workers in this order (`--dist loadfile`), so the longest files start at
     once and the short ones fill the gaps, instead of a long file starting last and running alone.
     """
-    slow = {}
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        slow[module] = slow.get(module, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def tiny_config(**overrides):

@@ -3,8 +3,9 @@ on its checkpoint repeat what the trainer reported.
 
 One real `python -m dino_jax.main` run of the demo recipe stopped after DEMO_EPOCHS epochs of its schedule
 (`--config.stop_after_epochs`), then `eval_knn` and `visualize_attention` on its workdir. These 2 epochs were
-measured to take the k-NN from 17.6 to 30.2 and the Jaccard from 0.206 to 0.377 (configs/demo.py); the test asserts
-two thirds of each gain (+8 points, +0.11). A collapsed teacher falls to chance (10%).
+measured to take the k-NN from 17.6 to 30.2 and the Jaccard from 0.206 to 0.377 (run e32 of
+docs/demo_recipe_history.md); the test asserts two thirds of each gain (+8 points, +0.11). A collapsed teacher
+falls to chance (10%).
 """
 import json
 import os
