@@ -80,7 +80,7 @@ def base_config():
     c.eval_max_train_examples = 0  # 0 = the whole bank
     c.nb_knn = (10, 20, 100, 200)
     c.knn_temperature = 0.07
-    c.attention_images = 4
+    c.attention_images = 4  # validation images in the attention picture after each evaluation (0: no picture)
     c.attention_threshold = 0.6
 
     # Logging and checkpoints.
@@ -143,7 +143,8 @@ def validate(c) -> None:
     for key in ("batch_size", "epochs", "patch_size", "log_every_steps", "checkpoint_every_steps", "out_dim"):
         if not isinstance(c[key], int) or c[key] < 1:
             bad(key, "must be a whole number >= 1")
-    for key in ("stop_after_epochs", "warmup_epochs", "local_crops_number", "keep_every_epochs", "eval_every_epochs"):
+    for key in ("stop_after_epochs", "warmup_epochs", "local_crops_number", "keep_every_epochs", "eval_every_epochs",
+                "attention_images"):
         if not isinstance(c[key], int) or c[key] < 0:
             bad(key, "must be a whole number >= 0")
     if c.warmup_epochs > c.epochs:

@@ -179,7 +179,7 @@ class Evaluator:
         if masks is not None:
             out["attention_jaccard"] = attention.attention_jaccard(backbone, params, images, masks,
                                                                    c.patch_size, c.attention_threshold)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and c.attention_images:
             attention.save_attention_grid(paths.join(self.workdir, "attention", f"{tag}.png"), backbone, params,
                                           images[: c.attention_images], c.patch_size, c.attention_threshold)
         out["eval_seconds"] = time.time() - t0

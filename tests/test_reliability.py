@@ -739,6 +739,7 @@ def test_resume_records_the_config_in_force_and_refuses_in_one_line(reference, t
     ("global_crops_scale", (0.5, 0.2), "--config.global_crops_scale=(0.5, 0.2): must be (min, max) with 0 < min"),
     ("allow_resume_changes", "lr,sed", "--config.allow_resume_changes='lr,sed': no config key called 'sed'"),
     ("batch_size", 0, "--config.batch_size=0: must be a whole number >= 1"),
+    ("attention_images", -1, "--config.attention_images=-1: must be a whole number >= 0"),
 ])
 def test_invalid_config_fails_before_the_workdir_exists(tmp_path, key, value, message):
     from dino_jax import train
