@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -166,8 +167,10 @@ class Checkpointer:
 
 
 def _first_line(e: BaseException) -> str:
+    """The exception's first line, without the spec dump tensorstore appends to it."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    first = re.split(r"\s*(?:See full TensorStore details|\[tensorstore_spec)", text[0] if text else "")[0]
+    return f"{type(e).__name__}: {first}"[:300]
 
 
 def _disagree(problem) -> bool:
