@@ -112,8 +112,8 @@ class StopRequest:
     def __call__(self, step: int) -> bool:
         if self._multi:
             if multihost_utils.reached_preemption_sync_point(step):
-                self.reason = (f"preemption notice (SIGTERM to one of the {jax.process_count()} processes): every "
-                               f"process stops at step {step}")
+                self.reason = (f"preemption notice (SIGTERM to at least one of the {jax.process_count()} processes): "
+                               f"every process stops at step {step}")
                 return True
         elif self._signum is not None:
             self.reason = f"signal {self._signum} received"
