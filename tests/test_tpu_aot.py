@@ -80,3 +80,27 @@ def test_a_step_that_does_not_fit_says_by_how_much():
     lines = tpu_aot.report(r).splitlines()
     assert any(line.startswith("DOES NOT FIT") and "over the chip's HBM by" in line for line in lines)
     assert lines[-1].startswith("fits=0 hbm_fraction=")
+
+
+def test_choices_autodiff_variant_drops_every_custom_backward_pass_and_only_inside():
+    """tpu_choices' plain-autodiff variant: the step's loss has no custom_vjp inside the context, three kinds outside
+    (softmax, LayerNorm, GELU), and the same value either way (only the backward passes differ)."""
+    import tpu_choices
+    from test_precision_paths import dino_objective, views
+
+    config = tiny_config()
+
+    def traced():
+        model, loss = dino_objective(config)
+        params = model.init(jax.random.PRNGKey(0), config.global_crop_size)
+        args = (params, views(config, jax.random.PRNGKey(1)), jax.random.PRNGKey(2))
+        return str(jax.make_jaxpr(loss)(*args)), float(loss(*args))
+
+    custom, custom_loss = traced()
+    with tpu_choices.plain_autodiff():
+        plain, plain_loss = traced()
+    again, _ = traced()
+    assert "custom_vjp_call" in custom and "custom_vjp_call" not in plain and again == custom
+    for name in ("softmax", "layer_norm", "gelu"):
+        assert name in custom, name
+    np.testing.assert_allclose(plain_loss, custom_loss, rtol=1e-6)
