@@ -230,12 +230,19 @@ def main(argv):
     print(report(r))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    """--config, --topology and --batch_size, the flags of this script and of tpu_choices.py."""
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vits16.py.", lock_config=True)
     flags.DEFINE_string("topology", None, f"TPU slice: {ACCEPTED}.")
     flags.DEFINE_integer("batch_size", 0, "Global batch (default: 64 images per chip).")
     flags.mark_flags_as_required(["config", "topology"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
     app.run(main)

@@ -100,11 +100,7 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/vits16.py.", lock_config=True)
-    flags.DEFINE_string("topology", None, f"TPU slice: {tpu_aot.ACCEPTED}.")
-    flags.DEFINE_integer("batch_size", 0, "Global batch (default: 64 images per chip).")
+    tpu_aot.define_flags()
     flags.DEFINE_string("variants", ",".join(VARIANTS), "Comma-separated variants to compile.")
-    flags.mark_flags_as_required(["config", "topology"])
     app.run(main)
