@@ -8,8 +8,7 @@ Each variant is the trainer's step (`tpu_aot.analyse`, 64 images per chip unless
   f32 / bf16            the compute dtype (`config.dtype`), einsum attention, the custom backward passes of
                         `models/vit.py` (softmax, LayerNorm, GELU keep only what PyTorch's backward keeps)
   *_dpa                 `config.attention=dot_product_attention` (XLA's fused attention where the backend has it)
-  *_autodiff            plain autodiff instead of the three custom backward passes: jax.nn.softmax, the same
-                        LayerNorm forward without its custom_vjp, and the erf GELU without its custom_vjp
+  *_autodiff            plain autodiff of the same three forwards instead of their custom backward passes
 
 The custom backward passes were written for XLA:CPU (docs/benchmarks_history.md); this says what they cost or save
 where the product runs. Prints one row per variant: memory per chip (arguments + temporaries + undonated outputs),
@@ -36,19 +35,13 @@ VARIANTS = {  # name -> (config changes, plain autodiff?)
 
 @contextlib.contextmanager
 def plain_autodiff():
-    """models/vit.py's softmax, layer_norm and gelu replaced by the same forwards without custom backward passes."""
-    import jax
-
+    """models/vit.py's softmax, layer_norm and gelu replaced by their own forwards (each custom_vjp's `fun`), which
+    JAX then differentiates by autodiff."""
     from dino_jax.models import head, vit
 
-    def layer_norm(x, scale, bias, epsilon=vit.LN_EPS):
-        mean, rstd = vit._layer_norm_stats(x, epsilon)
-        return (x - mean) * (rstd * scale) + bias
-
     saved = vit.softmax, vit.layer_norm, vit.gelu, head.gelu
-    vit.softmax = lambda x: jax.nn.softmax(x, axis=-1)
-    vit.layer_norm = layer_norm
-    vit.gelu = head.gelu = lambda x: x * vit._normal_cdf(x)
+    vit.softmax, vit.layer_norm, vit.gelu = vit.softmax.fun, vit.layer_norm.fun, vit.gelu.fun
+    head.gelu = vit.gelu
     try:
         yield
     finally:

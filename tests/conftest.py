@@ -7,6 +7,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NO_SKIPS = ("this project's tests never skip: a missing test dependency is an install error "
             "(pip install -e '.[test]'), and a test that cannot run here fails")
@@ -62,6 +63,16 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def load_recipe(path):
+    """The module of a recipe file such as configs/demo.py (relative to the repository root, or absolute)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def max_relative_error(a, b) -> float:

@@ -5,7 +5,7 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import pytest
-from conftest import max_relative_error, tiny_config
+from conftest import load_recipe, max_relative_error, tiny_config
 
 from dino_jax import dino
 
@@ -117,17 +117,11 @@ def test_bfloat16_keeps_the_residual_stream_statistics_softmax_and_loss_in_float
 
 def _demo_losses(workdir, **overrides):
     """Per-step losses of the first 30 steps of the demo recipe (480 images, batch 16) trained by the trainer."""
-    import importlib.util
     import json
-    import os
 
     from dino_jax import train
 
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                                       "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config = demo.get_config().unlock()
+    config = load_recipe("configs/demo.py").get_config().unlock()
     config.update(dict(dataset="demo:train:480", stop_after_epochs=1, log_every_steps=1, eval_dataset=None),
                   **overrides)
     summary = train.train_and_evaluate(config, str(workdir))

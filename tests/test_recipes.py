@@ -1,16 +1,16 @@
 """Every recipe in configs/ and each of its variants loads, is locked and valid, and differs from the reference's
 `main_dino.py` defaults (dino_jax.config.base_config) in exactly the keys its docstring names."""
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO, load_recipe
+
 from dino_jax import config as config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_CROPS = dict(global_crops_scale=(0.25, 1.0), local_crops_scale=(0.05, 0.25), local_crops_number=10)
 B16 = dict(teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3, **RELEASE_CROPS)
 # What each reference recipe changes in the defaults (whose batch is 1024). vits16 and :boosted are the reference
@@ -44,17 +44,10 @@ def test_base_config_is_the_reference_defaults():
     assert {k: c[k] for k in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
 
 
-def load(path):
-    spec = importlib.util.spec_from_file_location("recipe", os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def variants(path):
     """The variants a recipe accepts, read from the error it gives for one it does not."""
     with pytest.raises(config_lib.UnknownVariant) as e:
-        load(path).get_config("no-such-variant")
+        load_recipe(path).get_config("no-such-variant")
     return sorted(v.strip() for v in str(e.value).split("use one of:")[1].split(","))
 
 
@@ -70,7 +63,7 @@ def test_every_reference_recipe_and_variant_is_covered():
 @pytest.mark.parametrize("recipe", sorted(EXPECTED) + ["configs/demo.py"])
 def test_recipe_loads_locked_and_valid(recipe):
     path, _, variant = recipe.partition(":")
-    c = load(path).get_config(variant)
+    c = load_recipe(path).get_config(variant)
     assert c.is_locked
     with pytest.raises(AttributeError):
         c.learning_rate = 1e-3  # a typo is an error, not a new key
@@ -86,7 +79,7 @@ def test_a_recipe_with_a_typo_fails(tmp_path):
     recipe.write_text("from dino_jax.config import base_config\n\n\ndef get_config():\n"
                       "    c = base_config()\n    c.warmup_teacher_temp_epoch = 30\n    return c\n")
     with pytest.raises(AttributeError, match="warmup_teacher_temp_epoch"):
-        load(str(recipe)).get_config()
+        load_recipe(str(recipe)).get_config()
 
 
 @pytest.mark.parametrize("flag,valid", [
