@@ -6,9 +6,10 @@
 Each variant is the trainer's step (`tpu_aot.analyse`, 64 images per chip unless --batch_size) with one choice changed:
 
   f32 / bf16            the compute dtype (`config.dtype`), einsum attention, the custom backward passes of
-                        `models/vit.py` (softmax, LayerNorm, GELU keep only what PyTorch's backward keeps)
+                        `models/vit.py` (softmax, LayerNorm, GELU keep only what PyTorch's backward keeps) and of
+                        the head's weight-normalised prototypes (`models/head.py`)
   *_dpa                 `config.attention=dot_product_attention` (XLA's fused attention where the backend has it)
-  *_autodiff            plain autodiff of the same three forwards instead of their custom backward passes
+  *_autodiff            plain autodiff of the same forwards instead of their custom backward passes
 
 The custom backward passes were written for XLA:CPU (docs/benchmarks_history.md); this says what they cost or save
 where the product runs. Prints one row per variant: memory per chip (arguments + temporaries + undonated outputs),
@@ -35,17 +36,20 @@ VARIANTS = {  # name -> (config changes, plain autodiff?)
 
 @contextlib.contextmanager
 def plain_autodiff():
-    """models/vit.py's softmax, layer_norm and gelu replaced by their own forwards (each custom_vjp's `fun`), which
-    JAX then differentiates by autodiff."""
+    """Every custom_vjp of the model (vit.py's softmax, layer_norm and gelu; head.py's gelu, inverse_column_norm and
+    scale_columns) replaced by its own forward (`fun`), which JAX then differentiates by autodiff."""
     from dino_jax.models import head, vit
 
-    saved = vit.softmax, vit.layer_norm, vit.gelu, head.gelu
-    vit.softmax, vit.layer_norm, vit.gelu = vit.softmax.fun, vit.layer_norm.fun, vit.gelu.fun
-    head.gelu = vit.gelu
+    replaced = [(vit, "softmax"), (vit, "layer_norm"), (vit, "gelu"), (head, "gelu"),
+                (head, "inverse_column_norm"), (head, "scale_columns")]
+    saved = [getattr(module, name) for module, name in replaced]
+    for (module, name), fn in zip(replaced, saved):
+        setattr(module, name, fn.fun)
     try:
         yield
     finally:
-        vit.softmax, vit.layer_norm, vit.gelu, head.gelu = saved
+        for (module, name), fn in zip(replaced, saved):
+            setattr(module, name, fn)
 
 
 def run(config, topology: str, batch_size: int, names: list[str]) -> list[tuple[str, dict]]:

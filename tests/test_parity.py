@@ -162,6 +162,30 @@ def _plain_gelu(x):
     return 0.5 * x * jax.lax.erfc(-x / np.sqrt(2.0).astype(x.dtype))
 
 
+def test_weight_norm_prototypes_and_their_custom_gradients():
+    """The prototype layer (its column norm and output scaling have hand-written backward passes) against the
+    reference's weight-normalised Linear in float64 torch: outputs and the gradients of x, v and g, 65536 wide."""
+    from dino_jax.models.head import WeightNormPrototypes
+
+    rng = np.random.default_rng(0)
+    n, d, k = 24, 32, 65536
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    v = rng.uniform(-0.2, 0.2, size=(d, k)).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, size=(1, k)).astype(np.float32)
+    cot = rng.normal(size=(n, k)).astype(np.float32)
+    layer = WeightNormPrototypes(k, norm_last_layer=False)
+    params = {"params": {"weight_v": jnp.asarray(v), "weight_g": jnp.asarray(g)}}
+    got_y, vjp = jax.vjp(lambda p, x: layer.apply(p, x), params, jnp.asarray(x))
+    d_params, d_x = vjp(jnp.asarray(cot))
+    xt, vt, gt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, v.T, g.T))
+    want_y = xt @ (gt * vt / vt.norm(dim=1, keepdim=True)).T  # torch weight_norm, dim=0 on the (K, d) weight
+    want_y.backward(torch.from_numpy(cot.astype(np.float64)))
+    assert rel(got_y, want_y.detach().numpy()) <= 1e-6
+    assert rel(d_x, xt.grad.numpy()) <= 1e-5
+    assert rel(d_params["params"]["weight_v"], vt.grad.numpy().T) <= 1e-5
+    assert rel(d_params["params"]["weight_g"], gt.grad.numpy().T) <= 1e-5
+
+
 def test_gelu_and_its_custom_gradient():
     """The erf-form GELU with its hand-written backward equals jax.grad of the textbook formula and torch's."""
     from dino_jax.models.vit import gelu

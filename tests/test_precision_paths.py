@@ -133,16 +133,20 @@ def _demo_losses(workdir, **overrides):
 def test_bfloat16_demo_run_tracks_the_float32_run(tmp_path):
     """30 steps of the demo recipe: the bfloat16 run's loss stays on the float32 run's, step by step.
 
-    Measured: the loss falls from 6.41 to 5.71 in both; bfloat16 is within 1.10e-3 relative (0.14 eps, 0.0067
-    absolute) at every step, 3.9e-4 on average. With the residual stream rounded to bfloat16 after each add (the
-    fault the float32 stream prevents) the worst step is 2.36e-3 off, so the bound is eps / 5 = 1.56e-3. The float32
-    run also evaluates, with attention_images=0: the k-NN without the picture.
+    Measured: the loss falls from 6.41 to 5.71 in both; bfloat16 is within 4.8e-4 relative on average and 1.76e-3
+    at the worst step (0.23 eps). With the residual stream rounded to bfloat16 after each add (the fault the float32
+    stream prevents) the deviation grows step by step: 5.7e-3 on average, 1.2e-2 at the worst step. So the bounds
+    are eps / 8 = 9.8e-4 on the mean and eps / 2 = 3.9e-3 at any step, about 2x from either side. (The two runs
+    drift apart chaotically, so one step's deviation moves with any change of summation order: the worst step was
+    1.10e-3 before the prototype norm became a row loop.) The float32 run also evaluates, with attention_images=0:
+    the k-NN without the picture.
     """
     f32, summary = _demo_losses(tmp_path / "f32", eval_dataset="demo:val:32", eval_train_dataset="demo:train:32",
                                 eval_batch_size=32, attention_images=0)
     bf16, _ = _demo_losses(tmp_path / "bf16", dtype="bfloat16")
     assert len(f32) == len(bf16) == 30
     assert f32[0] - f32[-1] > 0.5  # the run learns, so tracking is more than two flat lines
-    worst = max(abs(b - f) / abs(f) for f, b in zip(f32, bf16))
-    assert worst <= BF16_EPS / 5, worst
+    deviation = [abs(b - f) / abs(f) for f, b in zip(f32, bf16)]
+    assert sum(deviation) / len(deviation) <= BF16_EPS / 8, deviation
+    assert max(deviation) <= BF16_EPS / 2, deviation
     assert "knn_top1" in summary and not (tmp_path / "f32" / "attention").exists()

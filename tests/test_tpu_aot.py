@@ -83,8 +83,9 @@ def test_a_step_that_does_not_fit_says_by_how_much():
 
 
 def test_choices_autodiff_variant_drops_every_custom_backward_pass_and_only_inside():
-    """tpu_choices' plain-autodiff variant: the step's loss has no custom_vjp inside the context, three kinds outside
-    (softmax, LayerNorm, GELU), and the same value either way (only the backward passes differ)."""
+    """tpu_choices' plain-autodiff variant: the step's loss has no custom_vjp inside the context, five kinds outside
+    (softmax, LayerNorm, GELU, the prototypes' column norm and scaling), and the same value either way (only the
+    backward passes differ)."""
     import tpu_choices
     from test_precision_paths import dino_objective, views
 
@@ -101,6 +102,6 @@ def test_choices_autodiff_variant_drops_every_custom_backward_pass_and_only_insi
         plain, plain_loss = traced()
     again, _ = traced()
     assert "custom_vjp_call" in custom and "custom_vjp_call" not in plain and again == custom
-    for name in ("softmax", "layer_norm", "gelu"):
+    for name in ("softmax", "layer_norm", "gelu", "inverse_column_norm", "scale_columns"):
         assert name in custom, name
     np.testing.assert_allclose(plain_loss, custom_loss, rtol=1e-6)

@@ -60,8 +60,9 @@ class WeightNormPrototypes(nn.Module):
     """Linear(bottleneck -> K, no bias) under weight norm: w_k = g_k * v_k / ||v_k||.
 
     Computed as (x @ v) * (g / ||v||), which is the same function: it scales the (n, K) output rather than the
-    (bottleneck, K) weight, and it keeps XLA:CPU from fusing the normalisation into the matmul (that fusion made
-    the K=65536 teacher matmul 3x slower).
+    (bottleneck, K) weight, so XLA:CPU cannot fuse the normalisation into the matmul. Both sums over the rows of a
+    K-wide array (the column norms of v; the scale's gradient) avoid XLA:CPU's reduction over a major axis, which
+    ran at a few GB/s there: 120 ms for the (256, 65536) norm, ~15 % of the ViT-Ti/16 step (benchmarks/README.md).
     """
     out_dim: int
     norm_last_layer: bool = True
@@ -70,7 +71,59 @@ class WeightNormPrototypes(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         v = self.param("weight_v", torch_default_uniform(d), (d, self.out_dim))
-        scale = 1.0 / jnp.linalg.norm(v, axis=0, keepdims=True)
+        scale = inverse_column_norm(v)
         if not self.norm_last_layer:
             scale = scale * self.param("weight_g", nn.initializers.ones, (1, self.out_dim))
-        return (x @ v) * scale
+        return scale_columns(x @ v, scale)
+
+
+def _column_sum_of_squares(v):
+    """sum(v**2, axis=0, keepdims=True); on a CPU a loop adding one row at a time (4 ms instead of 120 ms for the
+    (256, 65536) prototypes). v is a parameter, never split over devices, so the loop's row slices stay local."""
+    def row_loop(v):
+        def add_row(i, acc):
+            return acc + jnp.square(jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=True))
+        return jax.lax.fori_loop(0, v.shape[0], add_row, jnp.zeros((1, v.shape[1]), v.dtype))
+
+    return jax.lax.platform_dependent(v, cpu=row_loop,
+                                      default=lambda v: jnp.sum(jnp.square(v), axis=0, keepdims=True))
+
+
+@jax.custom_vjp
+def inverse_column_norm(v):
+    """1 / ||v||_2 over axis 0, shape (1, K). The backward is elementwise: d(1/n)/dv = -v / n^3."""
+    return jax.lax.rsqrt(_column_sum_of_squares(v))
+
+
+def _inverse_column_norm_fwd(v):
+    s = inverse_column_norm(v)
+    return s, (v, s)
+
+
+def _inverse_column_norm_bwd(residuals, g):
+    v, s = residuals
+    return (-v * (g * s * s * s),)
+
+
+inverse_column_norm.defvjp(_inverse_column_norm_fwd, _inverse_column_norm_bwd)
+
+
+@jax.custom_vjp
+def scale_columns(y, s):
+    """y * s for y (n, K) and s (1, K). The gradient of s, a sum over the n rows, is a product with a row of
+    ones: a dot where autodiff's reduction was slow on XLA:CPU (3 ms instead of 50 ms at n = 80, K = 65536), and one
+    that contracts the batch axis, so a batch split over devices gives partial sums and an all-reduce."""
+    return y * s
+
+
+def _scale_columns_fwd(y, s):
+    return y * s, (y, s)
+
+
+def _scale_columns_bwd(residuals, g):
+    y, s = residuals
+    ones = jnp.ones((1, y.shape[0]), y.dtype)
+    return g * s, jnp.dot(ones, g * y, precision=jax.lax.Precision.HIGHEST)
+
+
+scale_columns.defvjp(_scale_columns_fwd, _scale_columns_bwd)
