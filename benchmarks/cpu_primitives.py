@@ -13,6 +13,10 @@ import statistics
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks.train_step --compare_torch
+if __name__ == "__main__":  # the harness's malloc settings: otherwise every JAX output is fresh zeroed pages
+    from dino_jax import malloc_tuning
+
+    malloc_tuning.reexec_with_malloc_tuning(one_arena=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
