@@ -36,3 +36,23 @@ def test_attention_scales_q_so_no_score_sized_constant_is_built():
     constant_scores = [line for line in hlo.splitlines()
                        if f"= {scores}" in line and re.search(r" broadcast\(%constant[.\d]*\)", line)]
     assert not constant_scores, "score-sized broadcasts of a constant:\n" + "\n".join(constant_scores)
+
+
+def test_the_cpu_attention_form_equals_the_reference_order_used_elsewhere():
+    """On CPU the model runs `_attend_q_scaled`; TPU and GPU run `_attend_scores_scaled` (the reference's order). The
+    parity tests run on CPU only, so the two forms are compared here: outputs, attention and all gradients."""
+    rng = np.random.default_rng(0)
+    for heads, head_dim in ((3, 64), (4, 48)):  # scale 1/8 (exact either way) and 1/sqrt(48) (rounding only)
+        c = heads * head_dim
+        q, k, v = (jnp.asarray(rng.normal(size=(2, 37, heads, head_dim)), jnp.float32) for _ in range(3))
+        kernel = jnp.asarray(rng.normal(size=(c, c)) * 0.05, jnp.float32)
+        bias = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
+        cot = (jnp.asarray(rng.normal(size=(2, 37, c)), jnp.float32),
+               jnp.asarray(rng.normal(size=(2, heads, 37, 37)), jnp.float32))
+        results = []
+        for form in (vit._attend_q_scaled, vit._attend_scores_scaled):
+            out, vjp = jax.vjp(lambda *a: form(*a, jnp.float32), q, k, v, kernel, bias)
+            results.append(list(out) + list(vjp(cot)))
+        for name, got, want in zip(("output", "attention", "dq", "dk", "dv", "dkernel", "dbias"), *results):
+            err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            assert err <= 1e-6, f"head_dim {head_dim}: {name} differs by {err:.1e} (relative to its largest entry)"

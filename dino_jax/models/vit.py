@@ -119,10 +119,11 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-    # The barrier hides the constant from XLA, so the backward's erf is not merged with the forward's: merged, the
-    # forward writes erf out as a second activation-sized array for the backward to read (~3 % of the ViT-Ti/16 step
-    # on XLA:CPU); apart, the backward recomputes it from x as PyTorch's GeluBackward does. Same values either way.
-    c = jax.lax.optimization_barrier(np.sqrt(0.5).astype(x.dtype))
+    # On XLA:CPU the erf constant sits behind a barrier, so the backward's erf is not merged with the forward's:
+    # merged, the forward writes erf out as a second activation-sized array for the backward to read (~3 % of the
+    # ViT-Ti/16 step); apart, the backward recomputes it from x as PyTorch's GeluBackward does. Same values either way.
+    c = np.sqrt(0.5).astype(x.dtype)
+    c = jax.lax.platform_dependent(c, cpu=jax.lax.optimization_barrier, default=lambda c: c)
     cdf = 0.5 + 0.5 * jax.lax.erf(x * c)
     pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
     return (g * (cdf + x * pdf),)
@@ -203,20 +204,37 @@ class LayerNorm(nn.Module):
         return layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon)
 
 
-class HeadsProjection(nn.Module):
-    """The attention's output Linear, nn.Dense's parameters (kernel (C, C), bias) contracted with per-head outputs.
+def _attend_scores_scaled(q, k, v, kernel, bias, dtype):
+    """The reference's order: scores (B, H, N, N) scaled after q.k; output (B, N, C) through the proj Linear."""
+    b, n, heads, head_dim = q.shape
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim ** -0.5
+    attn = softmax(logits)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(dtype), v).reshape(b, n, heads * head_dim)
+    return out @ kernel + bias, attn
 
-    Taking the (head, head_dim) axes straight from the attention's output saves transposing it back to (B, N, C)."""
+
+def _attend_q_scaled(q, k, v, kernel, bias, dtype):
+    """XLA:CPU's form. q is scaled before the dot (the same numbers when the scale is a power of two, head_dim 64:
+    1/8), so that YNNPACK's attention fusion need not read a (B, H, N, N) array of the constant in every block; the
+    proj Linear contracts (head, head_dim) straight from the heads-major output instead of transposing it back.
+    Together ~4 % of the ViT-Ti/16 step on Zen 3; on TPU the same forms cost 1.7 GiB more per chip (vits16, v5e-8)."""
+    heads, head_dim = q.shape[2], q.shape[3]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k).astype(jnp.float32)
+    attn = softmax(logits)
+    out = jnp.einsum("bhqk,bkhd->bhqd", attn.astype(dtype), v)
+    return jnp.einsum("bhqd,hdc->bqc", out, kernel.reshape(heads, head_dim, -1)) + bias, attn
+
+
+class LinearParams(nn.Module):
+    """nn.Dense's parameters (kernel (in, out), bias), returned rather than applied: the attention contracts its proj
+    kernel in a backend-dependent form. Same names, shapes and init as nn.Dense, so checkpoints are unchanged."""
     features: int
-    dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, spec: str):
-        heads, head_dim = x.shape[spec.index("h")], x.shape[spec.index("d")]
-        kernel = self.param("kernel", dense_init, (heads * head_dim, self.features), jnp.float32)
+    def __call__(self, in_features: int, dtype: Dtype):
+        kernel = self.param("kernel", dense_init, (in_features, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        kernel = kernel.reshape(heads, head_dim, self.features).astype(self.dtype)
-        return jnp.einsum(f"{spec},hdc->bqc", x.astype(self.dtype), kernel) + bias.astype(self.dtype)
+        return kernel.astype(dtype), bias.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -232,15 +250,14 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * c, dtype=self.dtype, kernel_init=dense_init, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, N, H, hd)
-        scale = head_dim ** -0.5
-        proj = HeadsProjection(c, self.dtype, name="proj")
+        kernel, bias = LinearParams(c, name="proj")(c, self.dtype)
         if self.attention == "dot_product_attention" and not return_attention:
-            return proj(jax.nn.dot_product_attention(q, k, v, scale=scale), "bqhd"), None
-        # q is scaled before the dot rather than the logits after it (the reference's order): the same numbers when
-        # the scale is a power of two (head_dim 64: 1/8), and XLA:CPU then need not hold a (B, H, N, N) array of it.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
-        attn = softmax(logits)
-        return proj(jnp.einsum("bhqk,bkhd->bhqd", attn.astype(self.dtype), v), "bhqd"), attn
+            out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5)
+            return out.reshape(b, n, c) @ kernel + bias, None
+        dtype = self.dtype
+        return jax.lax.platform_dependent(q, k, v, kernel, bias,
+                                          cpu=lambda *a: _attend_q_scaled(*a, dtype),
+                                          default=lambda *a: _attend_scores_scaled(*a, dtype))
 
 
 class Mlp(nn.Module):
