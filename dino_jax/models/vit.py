@@ -217,7 +217,8 @@ def _attend_q_scaled(q, k, v, kernel, bias, dtype):
     """XLA:CPU's form. q is scaled before the dot (the same numbers when the scale is a power of two, head_dim 64:
     1/8), so that YNNPACK's attention fusion need not read a (B, H, N, N) array of the constant in every block; the
     proj Linear contracts (head, head_dim) straight from the heads-major output instead of transposing it back.
-    Together ~4 % of the ViT-Ti/16 step on Zen 3; on TPU the same forms cost 1.7 GiB more per chip (vits16, v5e-8)."""
+    ~4 % of the ViT-Ti/16 step on Zen 3. CPU-only, like the GELU backward's barrier: compiled for TPU, the two
+    together held 1.7 GiB more per chip (vits16 on v5e-8: 13.50 against 11.78 GiB)."""
     heads, head_dim = q.shape[2], q.shape[3]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k).astype(jnp.float32)
     attn = softmax(logits)
