@@ -100,8 +100,11 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int], mode: 
 # Modules.
 
 
-def _normal_cdf(x):
-    return 0.5 + 0.5 * jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype))
+def _normal_cdf(x, sqrt_half=None):
+    """Phi(x) = (1 + erf(x * sqrt(1/2))) / 2; the GELU backward passes its own copy of the constant."""
+    if sqrt_half is None:
+        sqrt_half = np.sqrt(0.5).astype(x.dtype)
+    return 0.5 + 0.5 * jax.lax.erf(x * sqrt_half)
 
 
 @jax.custom_vjp
@@ -122,11 +125,10 @@ def _gelu_bwd(x, g):
     # On XLA:CPU the erf constant sits behind a barrier, so the backward's erf is not merged with the forward's:
     # merged, the forward writes erf out as a second activation-sized array for the backward to read (~3 % of the
     # ViT-Ti/16 step); apart, the backward recomputes it from x as PyTorch's GeluBackward does. Same values either way.
-    c = np.sqrt(0.5).astype(x.dtype)
-    c = jax.lax.platform_dependent(c, cpu=jax.lax.optimization_barrier, default=lambda c: c)
-    cdf = 0.5 + 0.5 * jax.lax.erf(x * c)
+    sqrt_half = jax.lax.platform_dependent(np.sqrt(0.5).astype(x.dtype), cpu=jax.lax.optimization_barrier,
+                                           default=lambda c: c)
     pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
-    return (g * (cdf + x * pdf),)
+    return (g * (_normal_cdf(x, sqrt_half) + x * pdf),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
